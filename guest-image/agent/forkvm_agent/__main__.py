@@ -1,0 +1,3 @@
+from forkvm_agent.agent import main
+
+main()

@@ -1,0 +1,1 @@
+"""The Jupyter side of forkvm: provisioner, host daemon, ZMQ bridge and CLI."""

@@ -1,0 +1,330 @@
+"""The forkvm host daemon: owns templates, warm pools and kernel VMs for one user.
+
+It serves the API described in daemon_client.py on a 0600 Unix socket in the user's runtime
+directory. Kernels belong to the daemon, not to the Jupyter server that asked for them, so
+they survive a server restart; they die with the daemon (QEMU has PDEATHSIG set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from traitlets import Enum, Float, Int, Unicode
+from traitlets.config import LoggingConfigurable
+
+from vmcore.engine import Engine, ResumeParams
+from vmcore.errors import EngineError
+from vmcore.warm_pool import WarmPool
+
+from kernelprovider import paths
+from kernelprovider.backend_choice import BACKENDS, BackendChoice, choose_backend, create_engine
+from kernelprovider.kernels import ForkedKernel
+from kernelprovider.zmq_bridge import KernelPortBridge
+
+log = logging.getLogger("forkvm.daemon")
+
+MAX_REQUEST_BYTES = 1 << 20
+Progress = Callable[[str, float | None], None]
+
+
+class RequestError(Exception):
+    """A request the daemon refuses; the message goes back to the client."""
+
+
+class ForkvmDaemon(LoggingConfigurable):
+    backend = Enum(list(BACKENDS), default_value="auto", help="VM backend: auto picks vmcore on hardware KVM").tag(
+        config=True
+    )
+    pool_size = Int(2, help="Forks kept ready per template").tag(config=True)
+    pool_hold = Enum(["paused", "resumed"], default_value="resumed", help="State pool members wait in").tag(config=True)
+    max_kernels = Int(64, help="Most kernels this user may run at once").tag(config=True)
+    default_memory_mib = Int(1024, help="Guest RAM of templates built without --memory").tag(config=True)
+    resume_timeout = Float(60.0, help="Seconds a fork has to confirm its resume").tag(config=True)
+    socket_path = Unicode("", help="Unix socket to serve on (default: the runtime directory's)").tag(config=True)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.choice: BackendChoice = choose_backend(self.backend)
+        self.engine: Engine = create_engine(self.choice)
+        self.kernels: dict[str, ForkedKernel] = {}
+        self.pools: dict[str, WarmPool] = {}
+        self._template_builds: dict[str, asyncio.Task[Any]] = {}
+        self._stopping = asyncio.Event()
+        self.started = time.time()
+
+    # --- serving --------------------------------------------------------------------------
+    async def serve(self) -> None:
+        path = Path(self.socket_path) if self.socket_path else paths.daemon_socket()
+        if path.exists():
+            path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            server = await asyncio.start_unix_server(self._client, str(path), limit=MAX_REQUEST_BYTES)
+        finally:
+            os.umask(old_umask)
+        path.chmod(0o600)
+        paths.daemon_pid_file().write_text(str(os.getpid()))
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stopping.set)
+        log.info("forkvm daemon %d serving %s; backend %s: %s", os.getpid(), path, self.choice.backend, self.choice.reason)
+        try:
+            await self._stopping.wait()
+        finally:
+            server.close()
+            await self.shutdown()
+            path.unlink(missing_ok=True)
+            paths.daemon_pid_file().unlink(missing_ok=True)
+            log.info("forkvm daemon stopped")
+
+    async def shutdown(self) -> None:
+        for pool in self.pools.values():
+            await pool.close()
+        for kernel in list(self.kernels.values()):
+            await kernel.stop_watching()
+            await kernel.release()
+        self.kernels.clear()
+        await self.engine.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await self._reply(writer, {"id": None, "error": "request too large"})
+                    return
+                except ConnectionError:
+                    return
+                if not line:
+                    return
+                await self._handle_line(line, writer)
+        finally:
+            writer.close()
+
+    async def _handle_line(self, line: bytes, writer: asyncio.StreamWriter) -> None:
+        request_id: Any = None
+        try:
+            try:
+                request = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise RequestError(f"request is not JSON: {exc}") from exc
+            if not isinstance(request, dict):
+                raise RequestError("request must be a JSON object")
+            request_id = request.get("id")
+            method = request.get("method")
+            params = request.get("params") or {}
+            handler = self._handlers().get(method) if isinstance(method, str) else None
+            if handler is None:
+                raise RequestError(f"unknown method {method!r}")
+            if not isinstance(params, dict):
+                raise RequestError("params must be a JSON object")
+
+            def progress(stage: str, fraction: float | None) -> None:
+                message = {"id": request_id, "progress": {"stage": stage, "fraction": fraction}}
+                if not writer.is_closing():
+                    writer.write(json.dumps(message).encode() + b"\n")
+
+            result = await handler(params, progress)
+            await self._reply(writer, {"id": request_id, "result": result})
+        except (RequestError, EngineError) as exc:
+            await self._reply(writer, {"id": request_id, "error": str(exc)})
+        except (TypeError, ValueError, KeyError) as exc:
+            await self._reply(writer, {"id": request_id, "error": f"bad request: {type(exc).__name__}: {exc}"})
+        except Exception as exc:
+            log.exception("request failed")
+            await self._reply(writer, {"id": request_id, "error": f"internal error: {type(exc).__name__}: {exc}"})
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        if writer.is_closing():
+            return
+        writer.write(json.dumps(message).encode() + b"\n")
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+
+    def _handlers(self) -> dict[str, Callable[[dict[str, Any], Progress], Awaitable[Any]]]:
+        return {
+            "status": self.status,
+            "launch": self.launch,
+            "poll": self.poll,
+            "wait": self.wait,
+            "signal": self.signal,
+            "kill": self.kill,
+            "release": self.release,
+            "list": self.list_kernels,
+            "info": self.info,
+            "template_build": self.template_build,
+            "template_list": self.template_list,
+            "template_rm": self.template_rm,
+            "stop": self.stop,
+        }
+
+    # --- kernels --------------------------------------------------------------------------
+    def _kernel(self, params: dict[str, Any]) -> ForkedKernel:
+        kernel_id = params.get("kernel_id")
+        kernel = self.kernels.get(kernel_id) if isinstance(kernel_id, str) else None
+        if kernel is None:
+            raise RequestError(f"no forkvm kernel {kernel_id!r}")
+        return kernel
+
+    def _pool(self, template: str, size: int) -> WarmPool:
+        pool = self.pools.get(template)
+        if pool is None:
+            pool = self.pools[template] = WarmPool(self.engine, template, size, self.pool_hold)
+        elif pool.size != size:
+            pool.resize(size)
+        return pool
+
+    async def launch(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        template = str(params.get("template") or "default")
+        pool_size = int(params.get("pool_size", self.pool_size))
+        running = sum(1 for k in self.kernels.values() if k.status is None)
+        if running >= self.max_kernels:
+            raise RequestError(
+                f"this user already runs {running} forkvm kernels, the limit (ForkvmDaemon.max_kernels); "
+                "shut one down first"
+            )
+        started = time.monotonic()
+        pool = self._pool(template, pool_size)
+        machine = pool.take()
+        if machine is None:
+            machine = await self.engine.restore(template)
+        try:
+            if machine.link is None:
+                await machine.resume(ResumeParams(), timeout=self.resume_timeout)
+            assert machine.link is not None and machine.params is not None
+            bridge = KernelPortBridge(machine.link, machine.id)
+            ports = await bridge.start()
+        except BaseException:
+            await machine.kill()
+            raise
+        kernel_id = str(params.get("kernel_id") or uuid.uuid4())
+        kernel = ForkedKernel(kernel_id, machine, machine.params, bridge, ports)
+        kernel.launch_s = time.monotonic() - started
+        self.kernels[kernel_id] = kernel
+        kernel.watch()
+        log.info("kernel %s: vm %s from %s in %.3f s", kernel_id, machine.id, template, kernel.launch_s)
+        return {**kernel.describe(), "connection_info": kernel.connection_info()}
+
+    async def poll(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        return {"status": self._kernel(params).poll()}
+
+    async def wait(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        kernel = self._kernel(params)
+        timeout = params.get("timeout")
+        if kernel.poll() is None and kernel._watcher is not None:
+            await asyncio.wait([kernel._watcher], timeout=float(timeout) if timeout is not None else None)
+        return {"status": kernel.poll()}
+
+    async def signal(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        kernel = self._kernel(params)
+        signum = int(params["signum"])
+        if kernel.poll() is not None:
+            raise RequestError(f"kernel {kernel.id} is not running")
+        if signum == signal.SIGKILL:
+            await kernel.release()
+        else:
+            await kernel.machine.signal(signum)
+        return {}
+
+    async def kill(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        kernel = self._kernel(params)
+        await kernel.release()
+        return {"status": kernel.poll()}
+
+    async def release(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        kernel = self._kernel(params)
+        await kernel.stop_watching()
+        await kernel.release()
+        self.kernels.pop(kernel.id, None)
+        return {"status": kernel.status}
+
+    async def list_kernels(self, params: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:
+        return [kernel.describe() for kernel in self.kernels.values()]
+
+    async def info(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        kernel = self._kernel(params)
+        return {**kernel.describe(), "connection_info": kernel.connection_info()}
+
+    # --- templates and the daemon itself ----------------------------------------------------
+    async def template_build(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        from kernelprovider.template_builder import build_template
+
+        name = str(params.get("name") or "default")
+        memory_mib = int(params.get("memory_mib") or self.default_memory_mib)
+        force = bool(params.get("force", False))
+        if name in self._template_builds and not self._template_builds[name].done():
+            raise RequestError(f"template {name!r} is already being built")
+        pool = self.pools.pop(name, None)
+        if pool is not None:
+            await pool.close()
+        task = asyncio.ensure_future(build_template(self.engine, name, memory_mib, force, progress))
+        self._template_builds[name] = task
+        return await task
+
+    async def template_list(self, params: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": t.name,
+                "backend": t.backend,
+                "memory_mib": t.memory_mib,
+                "image_hash": t.image_hash,
+                "backend_version": t.backend_version,
+                "created": t.created,
+                "size_bytes": t.size_bytes,
+            }
+            for t in self.engine.templates()
+        ]
+
+    async def template_rm(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        name = str(params["name"])
+        pool = self.pools.pop(name, None)
+        if pool is not None:
+            await pool.close()
+        self.engine.remove_template(name)
+        return {}
+
+    async def status(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "backend": self.choice.backend,
+            "reason": self.choice.reason,
+            "engine": self.engine.describe(),
+            "kernels": sum(1 for k in self.kernels.values() if k.status is None),
+            "pools": {name: {"ready": len(p), "size": p.size, "last_error": p.last_error} for name, p in self.pools.items()},
+            "log": str(paths.daemon_log()),
+        }
+
+    async def stop(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        asyncio.get_running_loop().call_soon(self._stopping.set)
+        return {}
+
+
+def run_daemon(argv: list[str] | None = None) -> None:
+    from traitlets.config import Application
+
+    class DaemonApp(Application):
+        name = "forkvm-daemon"
+        classes = [ForkvmDaemon]
+
+    app = DaemonApp()
+    app.parse_command_line(argv or [])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        daemon = ForkvmDaemon(parent=app)
+        await daemon.serve()
+
+    asyncio.run(main())

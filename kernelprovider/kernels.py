@@ -1,0 +1,81 @@
+"""A forked kernel as the daemon holds it: its VM, its host ports and its identity."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmcore.engine import Machine, ResumeParams
+
+from kernelprovider.zmq_bridge import KernelPortBridge
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ForkedKernel:
+    id: str
+    machine: Machine
+    params: ResumeParams
+    bridge: KernelPortBridge
+    ports: dict[str, int]
+    parent: str | None = None  # kernel id this one was branched from
+    started: float = field(default_factory=time.time)
+    launch_s: float = 0.0
+    status: int | None = None
+    _watcher: asyncio.Task[None] | None = None
+
+    def connection_info(self) -> dict[str, Any]:
+        return {
+            "ip": "127.0.0.1",
+            "transport": "tcp",
+            "signature_scheme": "hmac-sha256",
+            "key": self.params.key.decode(),
+            "kernel_name": "forkvm",
+            **self.ports,
+        }
+
+    def watch(self) -> None:
+        """Notice the kernel's death (process exit in the guest, or VM gone) and free the VM."""
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        status = await self.machine.wait()
+        self.status = status
+        log.info("kernel %s ended with status %s", self.id, status)
+        await self.release()
+
+    def poll(self) -> int | None:
+        if self.status is None:
+            self.status = self.machine.kernel_exit_status()
+        return self.status
+
+    async def release(self) -> None:
+        """Stop the VM and close the host ports (idempotent)."""
+        await self.bridge.close()
+        await self.machine.kill()
+        if self.status is None:
+            self.status = self.machine.kernel_exit_status() or -9
+
+    async def stop_watching(self) -> None:
+        if self._watcher is not None and self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kernel_id": self.id,
+            "vm_id": self.machine.id,
+            "backend": self.machine.backend,
+            "template": self.machine.template,
+            "parent": self.parent,
+            "age_s": round(time.time() - self.started, 1),
+            "launch_s": round(self.launch_s, 4),
+            "private_memory_bytes": self.machine.private_memory_bytes() if self.status is None else 0,
+            "status": self.poll(),
+            "ports": self.ports,
+            "session": self.params.session,
+        }

@@ -1,0 +1,1 @@
+"""Everything about VMs: the engine interface and its backends (own KVM VMM, QEMU)."""

@@ -1,0 +1,1 @@
+"""virtio over MMIO: the transport, split virtqueues, and the devices behind them."""

@@ -1,0 +1,62 @@
+"""A minimal asynchronous QMP client over an already-connected socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+from vmcore.errors import EngineError
+
+
+class QmpError(EngineError):
+    pass
+
+
+class QmpClient:
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self._sock = sock
+        self.name = name
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+        self.events: list[dict[str, Any]] = []
+
+    async def connect(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection(sock=self._sock, limit=1 << 20)
+        greeting = await self._read()
+        if "QMP" not in greeting:
+            raise QmpError(f"{self.name}: not a QMP greeting: {greeting}")
+        await self.execute("qmp_capabilities")
+
+    async def execute(self, command: str, **arguments: Any) -> Any:
+        if self._writer is None:
+            raise QmpError(f"{self.name}: QMP is not connected")
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = arguments
+        async with self._lock:
+            self._writer.write(json.dumps(request).encode() + b"\n")
+            await self._writer.drain()
+            while True:
+                message = await self._read()
+                if "event" in message:
+                    self.events.append(message)
+                    continue
+                if "error" in message:
+                    raise QmpError(f"{self.name}: {command}: {message['error'].get('desc', message['error'])}")
+                return message.get("return")
+
+    async def _read(self) -> dict[str, Any]:
+        assert self._reader is not None
+        line = await self._reader.readline()
+        if not line:
+            raise QmpError(f"{self.name}: QEMU closed its QMP connection")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self._sock.close()
