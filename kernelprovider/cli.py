@@ -134,6 +134,48 @@ def kill(kernel_id: str) -> None:
     click.echo(f"killed {kernel_id}")
 
 
+def _kernel_id_for(kernel: str) -> str:
+    """KERNEL is a kernel id, or a connection file whose ports identify a forkvm kernel."""
+    if not kernel.endswith(".json"):
+        return kernel
+    from jupyter_client.connect import find_connection_file
+
+    try:
+        connection = json.loads(open(find_connection_file(kernel)).read())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read connection file {kernel}: {exc}") from exc
+    for k in _call("list", autostart=False):
+        if k["ports"].get("shell_port") == connection.get("shell_port"):
+            return str(k["kernel_id"])
+    raise click.ClickException(f"{kernel} is not the connection file of a forkvm kernel this daemon runs")
+
+
+@main.command()
+@click.argument("kernel")
+def branch(kernel: str) -> None:
+    """Branch running KERNEL (id or connection file) into a new kernel with the same state.
+
+    Prints the new kernel's connection file, e.g. for `jupyter console --existing FILE`.
+    """
+    from jupyter_client.connect import write_connection_file
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    result = _call("branch", autostart=False, kernel_id=_kernel_id_for(kernel))
+    info = result["connection_info"]
+    path = os.path.join(jupyter_runtime_dir(), f"kernel-{result['kernel_id']}.json")
+    os.makedirs(jupyter_runtime_dir(), exist_ok=True)
+    write_connection_file(
+        path, ip=info["ip"], key=info["key"].encode(), transport=info["transport"],
+        signature_scheme=info["signature_scheme"], kernel_name=info["kernel_name"],
+        **{name: info[name] for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")},
+    )  # fmt: skip
+    console.print(
+        f"[dim]branched {result['parent']} -> {result['kernel_id']} in {result['launch_s']:.2f} s "
+        f"(source paused {result['source_pause_s'] or 0:.3f} s)[/dim]"
+    )
+    click.echo(path)
+
+
 @main.command()
 @click.argument("code", default="import numpy; print('forkvm says', numpy.arange(10).sum())")
 @click.option("--timeout", default=120.0, help="Seconds to wait for the cell")

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 from traitlets import Enum, Float, Int, Unicode
 from traitlets.config import LoggingConfigurable
 
-from vmcore.engine import Engine, ResumeParams
+from vmcore.engine import Engine, Machine, ResumeParams
 from vmcore.errors import EngineError
 from vmcore.warm_pool import WarmPool
 
@@ -164,6 +164,7 @@ class ForkvmDaemon(LoggingConfigurable):
             "release": self.release,
             "list": self.list_kernels,
             "info": self.info,
+            "branch": self.branch,
             "template_build": self.template_build,
             "template_list": self.template_list,
             "template_rm": self.template_rm,
@@ -189,17 +190,35 @@ class ForkvmDaemon(LoggingConfigurable):
     async def launch(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         template = str(params.get("template") or "default")
         pool_size = int(params.get("pool_size", self.pool_size))
+        self._check_capacity()
+        kernel_id = self._new_kernel_id(params.get("kernel_id"))
+        started = time.monotonic()
+        machine = self._pool(template, pool_size).take()
+        if machine is None:
+            machine = await self.engine.restore(template)
+        kernel = await self._adopt(machine, kernel_id, started)
+        log.info("kernel %s: vm %s from %s in %.3f s", kernel_id, machine.id, template, kernel.launch_s)
+        return {**kernel.describe(), "connection_info": kernel.connection_info()}
+
+    def _check_capacity(self) -> None:
         running = sum(1 for k in self.kernels.values() if k.status is None)
         if running >= self.max_kernels:
             raise RequestError(
                 f"this user already runs {running} forkvm kernels, the limit (ForkvmDaemon.max_kernels); "
                 "shut one down first"
             )
-        started = time.monotonic()
-        pool = self._pool(template, pool_size)
-        machine = pool.take()
-        if machine is None:
-            machine = await self.engine.restore(template)
+
+    def _new_kernel_id(self, requested: object) -> str:
+        kernel_id = str(requested or uuid.uuid4())
+        existing = self.kernels.get(kernel_id)
+        if existing is not None:
+            if existing.poll() is None:
+                raise RequestError(f"kernel {kernel_id} already exists and runs")
+            del self.kernels[kernel_id]
+        return kernel_id
+
+    async def _adopt(self, machine: Machine, kernel_id: str, started: float, parent: str | None = None) -> ForkedKernel:
+        """Resume `machine` if needed, open its host ports and register it as a kernel."""
         try:
             if machine.link is None:
                 await machine.resume(ResumeParams(), timeout=self.resume_timeout)
@@ -209,13 +228,24 @@ class ForkvmDaemon(LoggingConfigurable):
         except BaseException:
             await machine.kill()
             raise
-        kernel_id = str(params.get("kernel_id") or uuid.uuid4())
-        kernel = ForkedKernel(kernel_id, machine, machine.params, bridge, ports)
+        kernel = ForkedKernel(kernel_id, machine, machine.params, bridge, ports, parent=parent)
         kernel.launch_s = time.monotonic() - started
         self.kernels[kernel_id] = kernel
         kernel.watch()
-        log.info("kernel %s: vm %s from %s in %.3f s", kernel_id, machine.id, template, kernel.launch_s)
-        return {**kernel.describe(), "connection_info": kernel.connection_info()}
+        return kernel
+
+    async def branch(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        source = self._kernel(params)
+        if source.poll() is not None:
+            raise RequestError(f"kernel {source.id} is dead (status {source.status}); only a running kernel can be branched")
+        self._check_capacity()
+        kernel_id = self._new_kernel_id(params.get("new_kernel_id"))
+        started = time.monotonic()
+        machine = await self.engine.branch(source.machine)
+        kernel = await self._adopt(machine, kernel_id, started, parent=source.id)
+        pause_s = getattr(source.machine, "last_branch_pause_s", None)
+        log.info("kernel %s: branched from %s in %.3f s (source paused %.3f s)", kernel_id, source.id, kernel.launch_s, pause_s or 0)
+        return {**kernel.describe(), "connection_info": kernel.connection_info(), "source_pause_s": pause_s}
 
     async def poll(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return {"status": self._kernel(params).poll()}

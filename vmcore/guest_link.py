@@ -199,6 +199,11 @@ class GuestLink:
             self._opening.pop(stream_id, None)
         return stream
 
+    async def send_raw(self, data: bytes) -> None:
+        """Write bytes to the channel as they are, framed or not (protocol robustness tests)."""
+        await self._send(data)
+        await self._writer.drain()
+
     # --- plumbing ---------------------------------------------------------------------------
     async def _send(self, frame: bytes) -> None:
         if self.closed:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from vmcore.engine import Engine, GuestImage, Machine, ProgressCallback, TemplateInfo
@@ -32,9 +34,11 @@ BOOT_MILESTONES = (
 class QemuMachine(Machine):
     backend = "qemu"
 
-    def __init__(self, machine_id: str, template: str, process: QemuProcess) -> None:
+    def __init__(self, machine_id: str, template: str, process: QemuProcess, config: QemuConfig) -> None:
         super().__init__(machine_id, template)
         self.process = process
+        self.config = config
+        self.last_branch_pause_s: float | None = None
 
     @property
     def pid(self) -> int:
@@ -219,7 +223,42 @@ class QemuEngine(Engine):
             if isinstance(exc, EngineError):
                 raise EngineError(f"restoring template {template!r} failed: {exc}; {diagnostics}") from exc
             raise
-        return QemuMachine(machine_id, template, process)
+        return QemuMachine(machine_id, template, process, config)
 
     async def branch(self, source: Machine) -> Machine:
-        raise EngineError("branching is not available in the QEMU backend yet")
+        if not isinstance(source, QemuMachine):
+            raise EngineError(f"{source.id} is not a QEMU machine")
+        if source.kernel_exit_status() is not None:
+            raise EngineError(f"{source.id} is not running, so it cannot be branched")
+        config = replace(source.config, memory_file=None, share=False, incoming=True)
+        machine_id = uuid.uuid4().hex[:12]
+        process = await QemuProcess.spawn(f"vm {machine_id}", config)
+        workdir = Path(tempfile.mkdtemp(prefix="forkvm-branch-"))
+        socket_path = workdir / "state.sock"
+        assert process.qmp is not None and source.process.qmp is not None
+        try:
+            await migration.listen_for_state(process.qmp, socket_path)
+            downtime_s = await migration.send_state_live(source.process.qmp, socket_path)
+            completed = time.monotonic()
+            await self._keep_running(source)
+            source.last_branch_pause_s = downtime_s + (time.monotonic() - completed)
+            await migration.wait_for_incoming(process.qmp)
+        except BaseException as exc:
+            diagnostics = process.diagnostics()
+            await process.kill()
+            await self._keep_running(source)
+            if isinstance(exc, EngineError):
+                raise EngineError(f"branching {source.id} failed: {exc}; {diagnostics}") from exc
+            raise
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return QemuMachine(machine_id, source.template, process, config)
+
+    @staticmethod
+    async def _keep_running(source: QemuMachine) -> None:
+        """A migration source ends paused, whatever the outcome; it must run on."""
+        qmp = source.process.qmp
+        if source.process.returncode is None and qmp is not None:
+            status = await qmp.execute("query-status")
+            if not status.get("running"):
+                await qmp.execute("cont")

@@ -1,8 +1,12 @@
-"""Saving and loading VM state through QEMU migration, with guest RAM left out.
+"""Saving, loading and transferring VM state through QEMU migration.
 
-RAM lives in a memory-backend-file; `x-ignore-shared` keeps it out of the migration stream, so
-a state file holds only CPU and device state (about a megabyte) and a restore maps the RAM
-file instead of copying it.
+Templates: RAM lives in a memory-backend-file; `x-ignore-shared` keeps it out of the
+migration stream, so a state file holds only CPU and device state (about a megabyte) and a
+restore maps the RAM file instead of copying it.
+
+Branches: a running fork's RAM is a private copy-on-write mapping, so it travels in the
+stream, live and straight from the source QEMU to the branch QEMU over a Unix socket; the
+source pauses only for the final dirty pages (QEMU's downtime), then runs on.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from vmcore.errors import EngineError
 from vmcore.qemu.qmp import QmpClient
 
 POLL_S = 0.005
+# QEMU throttles migration to 128 MiB/s by default; a local transfer should go at memory speed.
+LOCAL_BANDWIDTH = 64 << 30
 
 
 async def _set_capabilities(qmp: QmpClient, ignore_shared: bool) -> None:
@@ -50,3 +56,23 @@ async def load_state(qmp: QmpClient, state_file: Path, ignore_shared: bool = Tru
     await _set_capabilities(qmp, ignore_shared)
     await qmp.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(state_file))}")
     await _wait_for_completion(qmp, "loading state", timeout)
+
+
+async def listen_for_state(qmp: QmpClient, socket_path: Path) -> None:
+    """Make a VM started with `-incoming defer` accept a full migration on `socket_path`."""
+    await _set_capabilities(qmp, False)
+    await qmp.execute("migrate-incoming", uri=f"unix:{socket_path}")
+
+
+async def send_state_live(qmp: QmpClient, socket_path: Path, timeout: float = 300.0) -> float:
+    """Live-migrate a running VM to `socket_path`; it ends paused. Returns the downtime in seconds."""
+    await _set_capabilities(qmp, False)
+    await qmp.execute("migrate-set-parameters", **{"max-bandwidth": LOCAL_BANDWIDTH, "downtime-limit": 50})
+    await qmp.execute("migrate", uri=f"unix:{socket_path}")
+    await _wait_for_completion(qmp, "sending state", timeout)
+    info = await qmp.execute("query-migrate")
+    return float(info.get("downtime", 0)) / 1000.0
+
+
+async def wait_for_incoming(qmp: QmpClient, timeout: float = 300.0) -> None:
+    await _wait_for_completion(qmp, "receiving state", timeout)

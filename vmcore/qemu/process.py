@@ -30,13 +30,19 @@ class QemuConfig:
     """Everything that must be identical between a template and its forks, plus `share`."""
 
     memory_mib: int
-    memory_file: Path
+    memory_file: Path | None  # None: anonymous RAM (branches, whose every page comes from the stream)
     accel: str  # "kvm" or "tcg"
     kernel: Path
     initramfs: Path
     cmdline: str
     share: bool  # True: writes reach memory_file (template); False: copy-on-write (forks)
     incoming: bool = False
+
+    def _memory_backend(self) -> str:
+        if self.memory_file is None:
+            return f"memory-backend-ram,id=ram,size={self.memory_mib}M"
+        share = "on" if self.share else "off"
+        return f"memory-backend-file,id=ram,size={self.memory_mib}M,mem-path={self.memory_file},share={share}"
 
     def argv(self, qmp_fd: int, agent_fd: int, console_fd: int) -> list[str]:
         if self.accel == "kvm":
@@ -50,9 +56,7 @@ class QemuConfig:
             *accel,
             "-cpu", cpu,
             "-m", f"{self.memory_mib}M",
-            "-object",
-            f"memory-backend-file,id=ram,size={self.memory_mib}M,mem-path={self.memory_file},"
-            f"share={'on' if self.share else 'off'}",
+            "-object", self._memory_backend(),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=console,fd={console_fd}", "-serial", "chardev:console",

@@ -154,6 +154,8 @@ class Agent:
         entropy = bytes.fromhex(str(request["entropy"]))
         if len(entropy) < 32:
             raise ValueError("RESUME carries less than 32 bytes of entropy")
+        # A branch inherits the source's open streams; they belong to the source's host.
+        await self._mux.close_all()
         guest_os.reseed_kernel_crng(entropy)
         guest_os.set_wall_clock(float(request["time"]))
         kernel_answer = await self.kernel.resume(

@@ -1,0 +1,71 @@
+"""Shared fixtures for end-to-end tests: a private forkvm daemon and a built template.
+
+Each test session gets its own runtime directory (daemon socket, log), so it never talks to a
+user's daemon, while the cache (guest kernel, initramfs, templates) is shared and keyed by
+inputs: the first session on a machine builds it, later ones find it up to date.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernelprovider import paths
+from kernelprovider.daemon_client import call_sync, daemon_running
+
+TEMPLATE = "default"
+
+
+def qemu_processes(runtime_hint: str = "") -> list[str]:
+    out = subprocess.run(["pgrep", "-a", "qemu-system-x86"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if runtime_hint in line]
+
+
+@pytest.fixture(scope="session")
+def forkvm_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private daemon runtime directory; the daemon is stopped and checked for leaks at the end."""
+    runtime = tmp_path_factory.mktemp("forkvm-runtime")
+    runtime.chmod(0o700)
+    previous = os.environ.get("FORKVM_RUNTIME_DIR")
+    os.environ["FORKVM_RUNTIME_DIR"] = str(runtime)
+    try:
+        yield runtime
+    finally:
+        if daemon_running(paths.daemon_socket()):
+            pid = int(paths.daemon_pid_file().read_text())
+            call_sync("stop", autostart=False)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+        log = runtime / "daemon.log"
+        if log.exists() and os.environ.get("FORKVM_ARTIFACTS"):
+            shutil.copy(log, Path(os.environ["FORKVM_ARTIFACTS"]) / "daemon.log")
+        if previous is None:
+            os.environ.pop("FORKVM_RUNTIME_DIR", None)
+        else:
+            os.environ["FORKVM_RUNTIME_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def forkvm_template(forkvm_runtime: Path) -> str:
+    """The default template, built (or found up to date) through the daemon."""
+    result = call_sync("template_build", name=TEMPLATE)
+    assert result["name"] == TEMPLATE
+    return TEMPLATE
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    path = Path(os.environ.get("FORKVM_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
