@@ -83,13 +83,20 @@ def template() -> None:
 @click.argument("name", default="default")
 @click.option("--memory", "memory_mib", type=click.IntRange(256, 65536), default=None, help="Guest RAM in MiB")
 @click.option("--force", is_flag=True, help="Rebuild even when the template is up to date")
-def template_build(name: str, memory_mib: int | None, force: bool) -> None:
+@click.option(
+    "--allow-egress", "egress", multiple=True, metavar="IP:PORT",
+    help="Let kernels of this template connect to IP:PORT (repeatable); default: no network at all",
+)  # fmt: skip
+def template_build(name: str, memory_mib: int | None, force: bool, egress: tuple[str, ...]) -> None:
     """Build template NAME: guest image, boot, warm kernel, snapshot."""
     started = time.monotonic()
-    result = _call_with_progress("template_build", f"template {name}", name=name, memory_mib=memory_mib, force=force)
+    result = _call_with_progress(
+        "template_build", f"template {name}", name=name, memory_mib=memory_mib, force=force, egress=list(egress)
+    )
     state = "up to date" if result["up_to_date"] else f"built in {time.monotonic() - started:.1f} s"
+    egress_note = f", egress to {', '.join(result['egress'])}" if result["egress"] else ", no network"
     click.echo(f"template {result['name']} ({result['backend']}, {result['memory_mib']} MiB guest RAM, "
-               f"{_size(result['size_bytes'])} on disk): {state}")  # fmt: skip
+               f"{_size(result['size_bytes'])} on disk{egress_note}): {state}")  # fmt: skip
 
 
 @template.command("list")

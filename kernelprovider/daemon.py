@@ -27,6 +27,7 @@ from vmcore.warm_pool import WarmPool
 from kernelprovider import paths
 from kernelprovider.backend_choice import BACKENDS, BackendChoice, choose_backend, create_engine
 from kernelprovider.kernels import ForkedKernel
+from kernelprovider.template_policy import TemplatePolicy, load_policy, parse_egress, remove_policy, save_policy
 from kernelprovider.zmq_bridge import KernelPortBridge
 
 log = logging.getLogger("forkvm.daemon")
@@ -48,6 +49,8 @@ class ForkvmDaemon(LoggingConfigurable):
     max_kernels = Int(64, help="Most kernels this user may run at once").tag(config=True)
     default_memory_mib = Int(1024, help="Guest RAM of templates built without --memory").tag(config=True)
     resume_timeout = Float(60.0, help="Seconds a fork has to confirm its resume").tag(config=True)
+    cpu_time_limit_s = Float(0.0, help="CPU seconds a kernel process may use (0: no limit)").tag(config=True)
+    wall_time_limit_s = Float(0.0, help="Seconds a kernel may live before it is killed (0: no limit)").tag(config=True)
     socket_path = Unicode("", help="Unix socket to serve on (default: the runtime directory's)").tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -179,10 +182,16 @@ class ForkvmDaemon(LoggingConfigurable):
             raise RequestError(f"no forkvm kernel {kernel_id!r}")
         return kernel
 
+    def _resume_params(self, template: str) -> ResumeParams:
+        policy = load_policy(self.choice.backend, template)
+        return ResumeParams(egress=policy.egress, cpu_time_limit_s=self.cpu_time_limit_s)
+
     def _pool(self, template: str, size: int) -> WarmPool:
         pool = self.pools.get(template)
         if pool is None:
-            pool = self.pools[template] = WarmPool(self.engine, template, size, self.pool_hold)
+            pool = self.pools[template] = WarmPool(
+                self.engine, template, size, self.pool_hold, lambda: self._resume_params(template)
+            )
         elif pool.size != size:
             pool.resize(size)
         return pool
@@ -193,12 +202,27 @@ class ForkvmDaemon(LoggingConfigurable):
         self._check_capacity()
         kernel_id = self._new_kernel_id(params.get("kernel_id"))
         started = time.monotonic()
-        machine = self._pool(template, pool_size).take()
+        pool = self.pools.get(template)
+        machine = self._pool(template, pool_size).take() if pool is not None else None
         if machine is None:
-            machine = await self.engine.restore(template)
-        kernel = await self._adopt(machine, kernel_id, started)
+            try:
+                machine = await self.engine.restore(template)
+            except EngineError:
+                # A template that cannot be restored (missing, damaged, built for another QEMU)
+                # gets no warm pool: it would retry and spawn doomed VMs forever.
+                await self._drop_pool(template)
+                raise
+        kernel = await self._adopt(machine, kernel_id, started, self._resume_params(template))
+        if template not in self.pools:
+            # The template works: keep forks of it ready from now on.
+            self._pool(template, pool_size).fill()
         log.info("kernel %s: vm %s from %s in %.3f s", kernel_id, machine.id, template, kernel.launch_s)
         return {**kernel.describe(), "connection_info": kernel.connection_info()}
+
+    async def _drop_pool(self, template: str) -> None:
+        pool = self.pools.pop(template, None)
+        if pool is not None:
+            await pool.close()
 
     def _check_capacity(self) -> None:
         running = sum(1 for k in self.kernels.values() if k.status is None)
@@ -217,11 +241,13 @@ class ForkvmDaemon(LoggingConfigurable):
             del self.kernels[kernel_id]
         return kernel_id
 
-    async def _adopt(self, machine: Machine, kernel_id: str, started: float, parent: str | None = None) -> ForkedKernel:
+    async def _adopt(
+        self, machine: Machine, kernel_id: str, started: float, params: ResumeParams, parent: str | None = None
+    ) -> ForkedKernel:
         """Resume `machine` if needed, open its host ports and register it as a kernel."""
         try:
             if machine.link is None:
-                await machine.resume(ResumeParams(), timeout=self.resume_timeout)
+                await machine.resume(params, timeout=self.resume_timeout)
             assert machine.link is not None and machine.params is not None
             bridge = KernelPortBridge(machine.link, machine.id)
             ports = await bridge.start()
@@ -231,7 +257,7 @@ class ForkvmDaemon(LoggingConfigurable):
         kernel = ForkedKernel(kernel_id, machine, machine.params, bridge, ports, parent=parent)
         kernel.launch_s = time.monotonic() - started
         self.kernels[kernel_id] = kernel
-        kernel.watch()
+        kernel.watch(self.wall_time_limit_s)
         return kernel
 
     async def branch(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
@@ -242,7 +268,7 @@ class ForkvmDaemon(LoggingConfigurable):
         kernel_id = self._new_kernel_id(params.get("new_kernel_id"))
         started = time.monotonic()
         machine = await self.engine.branch(source.machine)
-        kernel = await self._adopt(machine, kernel_id, started, parent=source.id)
+        kernel = await self._adopt(machine, kernel_id, started, self._resume_params(source.machine.template), source.id)
         pause_s = getattr(source.machine, "last_branch_pause_s", None)
         log.info("kernel %s: branched from %s in %.3f s (source paused %.3f s)", kernel_id, source.id, kernel.launch_s, pause_s or 0)
         return {**kernel.describe(), "connection_info": kernel.connection_info(), "source_pause_s": pause_s}
@@ -294,6 +320,7 @@ class ForkvmDaemon(LoggingConfigurable):
         name = str(params.get("name") or "default")
         memory_mib = int(params.get("memory_mib") or self.default_memory_mib)
         force = bool(params.get("force", False))
+        egress = parse_egress(list(params.get("egress") or []))
         if name in self._template_builds and not self._template_builds[name].done():
             raise RequestError(f"template {name!r} is already being built")
         pool = self.pools.pop(name, None)
@@ -301,7 +328,9 @@ class ForkvmDaemon(LoggingConfigurable):
             await pool.close()
         task = asyncio.ensure_future(build_template(self.engine, name, memory_mib, force, progress))
         self._template_builds[name] = task
-        return await task
+        result = await task
+        save_policy(self.choice.backend, name, TemplatePolicy(egress=egress))
+        return {**result, "egress": [f"{host}:{port}" for host, port in egress]}
 
     async def template_list(self, params: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:
         return [
@@ -323,6 +352,7 @@ class ForkvmDaemon(LoggingConfigurable):
         if pool is not None:
             await pool.close()
         self.engine.remove_template(name)
+        remove_policy(self.choice.backend, name)
         return {}
 
     async def status(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:

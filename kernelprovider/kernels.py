@@ -38,12 +38,16 @@ class ForkedKernel:
             **self.ports,
         }
 
-    def watch(self) -> None:
+    def watch(self, wall_time_limit_s: float = 0.0) -> None:
         """Notice the kernel's death (process exit in the guest, or VM gone) and free the VM."""
-        self._watcher = asyncio.ensure_future(self._watch())
+        self._watcher = asyncio.ensure_future(self._watch(wall_time_limit_s))
 
-    async def _watch(self) -> None:
-        status = await self.machine.wait()
+    async def _watch(self, wall_time_limit_s: float) -> None:
+        try:
+            status = await asyncio.wait_for(self.machine.wait(), wall_time_limit_s or None)
+        except asyncio.TimeoutError:
+            log.warning("kernel %s reached its wall-time limit of %.0f s", self.id, wall_time_limit_s)
+            status = -9
         self.status = status
         log.info("kernel %s ended with status %s", self.id, status)
         await self.release()
@@ -69,6 +73,8 @@ class ForkedKernel:
         return {
             "kernel_id": self.id,
             "vm_id": self.machine.id,
+            # The VM's host process (QEMU's pid), for tools outside the daemon; None if it has none.
+            "pid": getattr(self.machine, "pid", None),
             "backend": self.machine.backend,
             "template": self.machine.template,
             "parent": self.parent,

@@ -25,6 +25,9 @@ class ForkvmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     _launched: bool = False
     _status: int | None = None
+    _branched: bool = False  # this kernel was created by a branch (restarts fork the template)
+    # What the daemon said about the last launch (vm_id, launch_s, and for a branch parent, source_pause_s).
+    launch_result: dict[str, Any] | None = None
 
     @property
     def has_process(self) -> bool:
@@ -38,19 +41,31 @@ class ForkvmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         kwargs = await super().pre_launch(**kwargs)
         # The kernelspec's argv is never run: the kernel already runs inside the template.
         kwargs["cmd"] = list(self.kernel_spec.argv)
-        self.branch_from = str(kwargs.pop("branch_from", "") or self.branch_from)
+        requested = str(kwargs.pop("branch_from", "") or "")
+        if self._branched:
+            # A restart (jupyter_client passes the first launch's arguments again): a restarted
+            # kernel is a fresh one from the template, not a second branch of the source's
+            # current state, and it must not depend on the source still running.
+            self.branch_from = ""
+        else:
+            self.branch_from = requested or self.branch_from
         return kwargs
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         request: dict[str, Any] = {"kernel_id": self.kernel_id}
         if self.branch_from:
             result = await self._daemon.call("branch", kernel_id=self.branch_from, new_kernel_id=self.kernel_id)
+            self._branched = True
+            self.template = str(result.get("template") or self.template)
         else:
             request.update(template=self.template, pool_size=self.pool_size)
             result = await self._launch_from_template(request)
         info = dict(result["connection_info"])
         info["key"] = info["key"].encode()
         self.connection_info = info
+        self.launch_result = {
+            key: result.get(key) for key in ("vm_id", "backend", "template", "launch_s", "parent", "source_pause_s")
+        }
         self._launched = True
         self._status = None
         self.log.info("forkvm kernel %s on %s (vm %s) in %.3f s", self.kernel_id, result["backend"], result["vm_id"], result["launch_s"])

@@ -9,12 +9,11 @@ ZMQ frames or Jupyter messages, so signatures are checked by the kernel itself w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from vmcore.agent_protocol import GUEST_KERNEL_PORTS
 from vmcore.errors import GuestError
-from vmcore.guest_link import GuestLink, GuestStream
+from vmcore.guest_link import GuestLink, splice
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +62,4 @@ class KernelPortBridge:
             log.info("%s: cannot reach guest port %d: %s", self._name, guest_port, exc)
             writer.close()
             return
-        to_guest = asyncio.ensure_future(self._host_to_guest(reader, stream))
-        to_host = asyncio.ensure_future(self._guest_to_host(stream, writer))
-        try:
-            await asyncio.wait([to_guest, to_host], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            to_guest.cancel()
-            to_host.cancel()
-            writer.close()
-            with contextlib.suppress(GuestError, ConnectionError):
-                await stream.close()
-
-    @staticmethod
-    async def _host_to_guest(reader: asyncio.StreamReader, stream: GuestStream) -> None:
-        with contextlib.suppress(ConnectionError, GuestError):
-            while chunk := await reader.read(READ_CHUNK):
-                await stream.write(chunk)
-
-    @staticmethod
-    async def _guest_to_host(stream: GuestStream, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while chunk := await stream.read():
-                writer.write(chunk)
-                await writer.drain()
+        await splice(reader, writer, stream)

@@ -34,6 +34,8 @@ PROTOCOL_VERSION = 1
 
 # Ports the kernel listens on inside the guest; the host maps its own ports onto them.
 GUEST_KERNEL_PORTS = {"shell": 5555, "iopub": 5556, "stdin": 5557, "control": 5558, "hb": 5559}
+# Stream ids at or above this are opened by the guest (CONNECT); below it, by the host (OPEN).
+GUEST_STREAM_BASE = 1 << 31
 # virtio-vsock port the agent listens on (vmcore transport).
 AGENT_VSOCK_PORT = 1024
 # Name of the virtio-serial port the agent opens (QEMU transport).
@@ -56,6 +58,7 @@ class FrameType(enum.IntEnum):
     PONG = 13  # guest -> host: {"token"}
     QUIESCE = 14  # host -> guest: close every stream, answer QUIESCED (before a snapshot)
     QUIESCED = 15  # guest -> host
+    CONNECT = 16  # guest -> host: open stream <stream> to {"host", "port"} (egress allow-list only)
 
 
 CONTROL_TYPES = frozenset(FrameType) - {FrameType.DATA}

@@ -37,6 +37,10 @@ class ResumeParams:
     session: str = field(default_factory=lambda: str(uuid.uuid4()))
     entropy: bytes = field(default_factory=lambda: os.urandom(64))
     nonce: bytes = field(default_factory=lambda: os.urandom(16))
+    # Policy that travels with the resume: host:port pairs the guest may connect to (none by
+    # default: a guest has no network) and the kernel process's CPU-time limit (0: none).
+    egress: tuple[tuple[str, int], ...] = ()
+    cpu_time_limit_s: float = 0.0
 
     @staticmethod
     def wall_clock() -> float:

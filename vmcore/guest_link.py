@@ -8,6 +8,7 @@ kernel process's exit. The transport (virtio-serial, vsock) is the backend's bus
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vmcore.agent_protocol import (
+    GUEST_STREAM_BASE,
     Frame,
     FrameReader,
     FrameType,
@@ -84,6 +86,31 @@ class GuestStream:
             self._incoming.put_nowait(None)
 
 
+async def splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: GuestStream) -> None:
+    """Copy bytes both ways between a host TCP connection and a guest stream until either ends."""
+
+    async def host_to_guest() -> None:
+        with contextlib.suppress(ConnectionError, GuestError):
+            while chunk := await reader.read(READ_CHUNK):
+                await stream.write(chunk)
+
+    async def guest_to_host() -> None:
+        with contextlib.suppress(ConnectionError):
+            while chunk := await stream.read():
+                writer.write(chunk)
+                await writer.drain()
+
+    directions = [asyncio.ensure_future(host_to_guest()), asyncio.ensure_future(guest_to_host())]
+    try:
+        await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for direction in directions:
+            direction.cancel()
+        writer.close()
+        with contextlib.suppress(GuestError, ConnectionError):
+            await stream.close()
+
+
 class GuestLink:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str) -> None:
         self._reader = reader
@@ -101,6 +128,9 @@ class GuestLink:
         self.kernel_exit: int | None = None
         self.ready_info: dict[str, Any] | None = None
         self.guest_errors: list[str] = []
+        # host:port pairs the guest may reach (CONNECT frames); empty means no egress at all.
+        self.egress: frozenset[tuple[str, int]] = frozenset()
+        self._egress_tasks: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,6 +141,8 @@ class GuestLink:
         return self._closed.is_set()
 
     async def close(self) -> None:
+        for task in list(self._egress_tasks):
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
         self._writer.close()
@@ -140,12 +172,15 @@ class GuestLink:
 
     async def resume(self, params: ResumeParams) -> ResumeConfirmation:
         sent_at = time.time()
+        self.egress = frozenset(params.egress)
         request = {
             "nonce": params.nonce.hex(),
             "key": params.key.hex(),
             "session": params.session,
             "entropy": params.entropy.hex(),
             "time": params.wall_clock(),
+            "egress": sorted([host, port] for host, port in params.egress),
+            "cpu_time_limit_s": params.cpu_time_limit_s,
         }
         frame = await self._expect(FrameType.RESUMED, encode_json(FrameType.RESUME, request))
         round_trip = time.time() - sent_at
@@ -260,6 +295,8 @@ class GuestLink:
                 stream = self._streams.pop(frame.stream, None)
                 if stream is not None:
                     stream._closed_by_guest()
+            elif frame.type is FrameType.CONNECT:
+                self._connect_egress(frame)
             elif frame.type is FrameType.KERNEL_EXIT:
                 self.kernel_exit = int(frame.json().get("status", -1))
                 self._kernel_exited.set()
@@ -276,6 +313,38 @@ class GuestLink:
                 self._wake(frame)
         except ProtocolError as exc:
             log.warning("%s: bad %s frame from guest: %s", self.name, frame.type.name, exc)
+
+    def _connect_egress(self, frame: Frame) -> None:
+        """A guest program connects out: allowed only to the listed host:port pairs."""
+        request = frame.json()
+        target = (str(request.get("host")), request.get("port"))
+        refusal = None
+        if frame.stream < GUEST_STREAM_BASE or frame.stream in self._streams:
+            refusal = f"stream id {frame.stream} is not a free guest stream id"
+        elif target not in self.egress:
+            refusal = f"egress to {target[0]}:{target[1]} is not allowed"
+        if refusal is not None:
+            log.warning("%s: refused CONNECT: %s", self.name, refusal)
+            self._writer.write(encode_json(FrameType.CLOSE, {"reason": refusal}, frame.stream))
+            return
+        stream = GuestStream(self, frame.stream)
+        self._streams[frame.stream] = stream
+        task = asyncio.ensure_future(self._egress(stream, target[0], int(target[1])))
+        self._egress_tasks.add(task)
+        task.add_done_callback(self._egress_tasks.discard)
+
+    async def _egress(self, stream: GuestStream, host: str, port: int) -> None:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=READ_CHUNK), 10)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._streams.pop(stream.id, None)
+            stream._closed_by_guest()
+            with contextlib.suppress(GuestError):
+                await self._send(encode_json(FrameType.CLOSE, {"reason": f"connect {host}:{port}: {exc}"}, stream.id))
+            return
+        with contextlib.suppress(GuestError):
+            await self._send(encode(FrameType.OPENED, b"", stream.id))
+        await splice(reader, writer, stream)
 
     def _wake(self, frame: Frame) -> None:
         for waiter in self._waiters.pop(frame.type, []):

@@ -90,7 +90,10 @@ class KvmMachine(Machine):
         self.vsock_path = vsock_path
 
     async def open_channel(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await connect_vsock(self.vsock_path, ap.AGENT_VSOCK_PORT)
+        try:
+            return await connect_vsock(self.vsock_path, ap.AGENT_VSOCK_PORT)
+        except OSError as exc:
+            raise EngineError(f"{self.id}: cannot reach the guest's vsock: {exc}") from exc
 
     async def start_cpus(self) -> None:
         self.vm.start()
@@ -122,6 +125,10 @@ class KvmEngine(Engine):
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         self.pool = WarmPool(pool_size)
         self._templates: dict[str, tuple[float, Template]] = {}
+
+    @property
+    def backend_version(self) -> str:
+        return BACKEND_VERSION
 
     def describe(self) -> str:
         usable, reason = hardware_kvm_status()
@@ -228,6 +235,12 @@ class KvmEngine(Engine):
     # --- forks -------------------------------------------------------------------------------------
     def _template(self, name: str) -> Template:
         directory = self._directory(name)
+        record = self._record(name)
+        if record.backend_version != BACKEND_VERSION:
+            raise EngineError(
+                f"template {name!r} was saved by {record.backend_version}, this is "
+                f"{BACKEND_VERSION}; rebuild it"
+            )
         try:
             mtime = (directory / "state").stat().st_mtime
             cached = self._templates.get(name)

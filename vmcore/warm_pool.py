@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from typing import Callable
 
 from vmcore.engine import Engine, Machine, ResumeParams
 from vmcore.errors import EngineError
@@ -21,13 +22,21 @@ RETRY_AFTER_FAILURE_S = 5.0
 
 
 class WarmPool:
-    def __init__(self, engine: Engine, template: str, size: int, hold: str = "resumed") -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        template: str,
+        size: int,
+        hold: str = "resumed",
+        params: Callable[[], ResumeParams] = ResumeParams,
+    ) -> None:
         if hold not in ("paused", "resumed"):
             raise ValueError(f"hold must be 'paused' or 'resumed', not {hold!r}")
         self.engine = engine
         self.template = template
         self.size = size
         self.hold = hold
+        self._params = params
         self._members: collections.deque[Machine] = collections.deque()
         self._refill: asyncio.Task[None] | None = None
         self._closed = False
@@ -60,10 +69,16 @@ class WarmPool:
 
     async def _fill(self) -> None:
         while not self._closed and len(self._members) < self.size:
+            machine: Machine | None = None
             try:
                 machine = await self.engine.restore(self.template)
                 if self.hold == "resumed":
-                    await machine.resume(ResumeParams())
+                    await machine.resume(self._params())
+            except asyncio.CancelledError:
+                # close() cancelled us mid-restore: the half-made member belongs to nobody.
+                if machine is not None:
+                    await machine.kill()
+                raise
             except EngineError as exc:
                 self.last_error = str(exc)
                 log.warning("warm pool for %s: restore failed: %s", self.template, exc)

@@ -132,6 +132,9 @@ class QemuProcess:
         except (EngineError, OSError) as exc:
             await self.kill()
             raise EngineError(f"{name}: QEMU did not start: {self.diagnostics()}") from exc
+        except BaseException:
+            await self.kill()  # cancelled: no caller will ever own this process
+            raise
         return self
 
     @property

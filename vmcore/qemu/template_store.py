@@ -11,6 +11,7 @@ complete or absent. Running forks keep their mappings if a template is replaced 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -46,6 +47,23 @@ def check_name(name: str) -> str:
     return name
 
 
+def _builder_alive(staging_name: str) -> bool:
+    """Whether the process named in `.building-<name>-<pid>-<ns>` still runs."""
+    parts = staging_name.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return True  # a build of this very process (an engine made while another builds)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class TemplateStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -54,7 +72,9 @@ class TemplateStore:
         return self.root / check_name(name)
 
     def staging_directory(self, name: str) -> Path:
-        staging = self.root / f".building-{check_name(name)}-{time.time_ns()}"
+        # The builder's pid is part of the name: another process's clean_stale_builds() must
+        # leave a build that is still in progress alone.
+        staging = self.root / f".building-{check_name(name)}-{os.getpid()}-{time.time_ns()}"
         staging.mkdir(parents=True)
         return staging
 
@@ -93,10 +113,15 @@ class TemplateStore:
         shutil.rmtree(directory)
 
     def clean_stale_builds(self) -> None:
-        """Remove what an interrupted build or replacement left behind."""
+        """Remove what an interrupted build or replacement left behind.
+
+        Several processes (daemons of other runtime directories, tests) share one store, so a
+        staging directory is removed only when the process that made it is gone.
+        """
         if self.root.exists():
             for leftover in self.root.glob(".building-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+                if not _builder_alive(leftover.name):
+                    shutil.rmtree(leftover, ignore_errors=True)
             for leftover in self.root.glob(".retired-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
 

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from forkvm_agent import guest_os
+from forkvm_agent.egress import EgressListeners, parse_targets
 from forkvm_agent.agent_protocol import (
     GUEST_KERNEL_PORTS,
     PROTOCOL_VERSION,
@@ -38,6 +39,7 @@ class Agent:
         self.ready: dict[str, Any] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._mux = StreamMux(self._send)
+        self._egress = EgressListeners(self._mux)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -135,6 +137,8 @@ class Agent:
             await self._mux.open(frame.stream, frame.json().get("port"))
         elif ftype is FrameType.CLOSE:
             await self._mux.close(frame.stream)
+        elif ftype is FrameType.OPENED:
+            self._mux.opened(frame.stream)
         elif ftype is FrameType.RESUME:
             await self._send(encode_json(FrameType.RESUMED, await self._resume(frame.json())))
         elif ftype is FrameType.SIGNAL:
@@ -154,6 +158,8 @@ class Agent:
         entropy = bytes.fromhex(str(request["entropy"]))
         if len(entropy) < 32:
             raise ValueError("RESUME carries less than 32 bytes of entropy")
+        egress = parse_targets(request.get("egress", []))
+        cpu_limit = float(request.get("cpu_time_limit_s") or 0)
         # A branch inherits the source's open streams; they belong to the source's host.
         await self._mux.close_all()
         guest_os.reseed_kernel_crng(entropy)
@@ -161,6 +167,9 @@ class Agent:
         kernel_answer = await self.kernel.resume(
             {"key": request["key"], "nonce": request["nonce"], "session": request["session"]}
         )
+        await self._egress.apply(egress)
+        if cpu_limit > 0:
+            self.kernel.limit_cpu_time(cpu_limit)
         return {
             "nonce": request["nonce"],
             "entropy_reseeded": True,

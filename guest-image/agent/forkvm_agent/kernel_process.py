@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import secrets
 import signal
 import subprocess
@@ -94,6 +95,15 @@ class KernelProcess:
         if "error" in answer:
             raise RuntimeError(f"kernel process refused resume: {answer['error']}")
         return answer
+
+    def limit_cpu_time(self, seconds: float) -> None:
+        """Cap the kernel's CPU time from now on; past it the kernel gets SIGXCPU, then SIGKILL."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # utime and stime, fields 14 and 15 of /proc/PID/stat, counted after the command name.
+        used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        soft = int(used + seconds) + 1
+        resource.prlimit(self.pid, resource.RLIMIT_CPU, (soft, soft + 2))
 
     def send_signal(self, signum: int) -> None:
         if signum not in ALLOWED_SIGNALS:

@@ -9,7 +9,14 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
-from forkvm_agent.agent_protocol import GUEST_KERNEL_PORTS, FrameType, encode, encode_data, encode_json
+from forkvm_agent.agent_protocol import (
+    GUEST_KERNEL_PORTS,
+    GUEST_STREAM_BASE,
+    FrameType,
+    encode,
+    encode_data,
+    encode_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +30,33 @@ class StreamMux:
         self._send = send
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._pumps: dict[int, asyncio.Task[None]] = {}
+        self._connecting: dict[int, asyncio.Future[None]] = {}
+        self._next_guest_stream = GUEST_STREAM_BASE
+
+    async def connect_out(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int) -> None:
+        """A guest program connected to an egress listener: ask the host to connect it on."""
+        stream_id = self._next_guest_stream
+        self._next_guest_stream = GUEST_STREAM_BASE + (stream_id + 1 - GUEST_STREAM_BASE) % GUEST_STREAM_BASE
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._connecting[stream_id] = answered
+        self._writers[stream_id] = writer
+        await self._send(encode_json(FrameType.CONNECT, {"host": host, "port": port}, stream_id))
+        try:
+            await asyncio.wait_for(answered, 15)
+        except (asyncio.TimeoutError, ConnectionRefusedError):
+            await self.close(stream_id)
+            return
+        finally:
+            self._connecting.pop(stream_id, None)
+        self._pumps[stream_id] = asyncio.ensure_future(self._pump_to_host(stream_id, reader))
+
+    def opened(self, stream_id: int) -> None:
+        answered = self._connecting.get(stream_id)
+        if answered is not None and not answered.done():
+            answered.set_result(None)
 
     async def open(self, stream_id: int, port: object) -> None:
-        if stream_id == 0 or stream_id in self._writers:
+        if not 0 < stream_id < GUEST_STREAM_BASE or stream_id in self._writers:
             await self._refuse(stream_id, f"stream id {stream_id} is invalid or in use")
             return
         if not isinstance(port, int) or port not in ALLOWED_PORTS:
@@ -52,6 +83,9 @@ class StreamMux:
             await self.close(stream_id, notify_host=True)
 
     async def close(self, stream_id: int, notify_host: bool = False) -> None:
+        answered = self._connecting.get(stream_id)
+        if answered is not None and not answered.done():
+            answered.set_exception(ConnectionRefusedError(f"host refused stream {stream_id}"))
         writer = self._writers.pop(stream_id, None)
         pump = self._pumps.pop(stream_id, None)
         if pump is not None and pump is not asyncio.current_task():
