@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.vmcore import synthetic  # noqa: E402
-from vmcore.fork import Template, WarmPool, fork  # noqa: E402
+from vmcore.fork import Template, VmPool, fork  # noqa: E402
 from vmcore.kvm import ioctls as k  # noqa: E402
 from vmcore.kvm import kick, structs  # noqa: E402
 from vmcore.kvm.memory import GuestMemory  # noqa: E402
@@ -91,7 +91,7 @@ def raw_costs(template: Template, repeat: int) -> None:
         memory.close()
 
 
-def fork_latency(template: Template, forks: int, pool: WarmPool | None) -> None:
+def fork_latency(template: Template, forks: int, pool: VmPool | None) -> None:
     label = "with warm pool   " if pool else "without pool     "
     to_runnable, to_exit, private = [], [], []
     for _ in range(forks):
@@ -121,7 +121,7 @@ def rss_kib() -> int:
 def concurrent(template: Template, count: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * count + 256)), hard))
-    pool = WarmPool(min(count, 64))
+    pool = VmPool(min(count, 64))
     pool.wait_full(30)
     rss0, fds0 = rss_kib(), len(os.listdir("/proc/self/fd"))
     machines = []
@@ -156,7 +156,7 @@ def main() -> None:
         print(f"synthetic template: {args.memory_mib} MiB guest RAM, 1 vCPU, host {os.uname().release}")
         raw_costs(template, min(args.forks, 100))
         fork_latency(template, args.forks, None)
-        pool = WarmPool(8)
+        pool = VmPool(8)
         pool.wait_full(30)
         fork_latency(template, args.forks, pool)
         pool.close()

@@ -4,6 +4,7 @@ streams, an error that does not stop the run (--allow-errors), and rich display 
 from __future__ import annotations
 
 import base64
+import re
 import struct
 import subprocess
 import zlib
@@ -68,7 +69,8 @@ def test_nbconvert_execute_notebook(tmp_path: Path) -> None:
     assert [o.output_type for o in outs[2]] == ["error"]
     assert outs[2][0].ename == "ZeroDivisionError"
     assert "division by zero" in outs[2][0].evalue
-    assert any("1 / 0" in line for line in outs[2][0].traceback)
+    traceback = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(outs[2][0].traceback))
+    assert "1 / 0" in traceback and "ZeroDivisionError" in traceback, traceback
     # rich output: HTML through display(), PNG as the cell's result
     assert [o.output_type for o in outs[3]] == ["display_data"]
     assert outs[3][0].data["text/html"] == "<b>bold forkvm</b>"

@@ -67,7 +67,8 @@ class Fork:
 
 
 def make_client(ports: dict[str, int], key: bytes) -> BlockingKernelClient:
-    client = BlockingKernelClient(ip="127.0.0.1", key=key, signature_scheme="hmac-sha256", **ports)
+    client = BlockingKernelClient(ip="127.0.0.1", **ports)
+    client.session.signature_scheme = "hmac-sha256"
     client.session.key = key
     # No heartbeat: under TCG a busy guest can miss heartbeats and the client gives up.
     client.start_channels(hb=False)

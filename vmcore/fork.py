@@ -57,7 +57,7 @@ class Template:
         )
 
 
-class WarmPool:
+class VmPool:
     """Empty VMs (irqchip, PIT, vCPU, CPUID set) made ahead of time by a background thread."""
 
     def __init__(self, size: int, vcpus: int = 1) -> None:
@@ -108,7 +108,7 @@ class WarmPool:
 
 
 def fork(
-    template: Template, pool: WarmPool | None = None, name: str = "fork", **host: Any
+    template: Template, pool: VmPool | None = None, name: str = "fork", **host: Any
 ) -> MicroVm:
     """A paused VM holding the template's state; call start() to run it."""
     vm = pool.take() if pool is not None else Vm(vcpus=len(template.vcpus))

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 18
+# Bytes a stream may hold for a slow host reader before the guest's channel waits for it: the
+# guest can fill this much of the daemon's memory per stream, and no more.
+STREAM_BUFFER_LIMIT = 16 << 20
 # Drain the transport every this many bytes queued, so one busy stream cannot balloon memory.
 DRAIN_THRESHOLD = 1 << 20
 
@@ -56,6 +59,8 @@ class GuestStream:
         self._link = link
         self.id = stream_id
         self._incoming: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._buffered = 0
+        self._drained = asyncio.Event()
         self.closed = False
 
     async def read(self) -> bytes:
@@ -63,6 +68,10 @@ class GuestStream:
         if self.closed and self._incoming.empty():
             return b""
         chunk = await self._incoming.get()
+        if chunk:
+            self._buffered -= len(chunk)
+            if self._buffered <= STREAM_BUFFER_LIMIT // 2:
+                self._drained.set()
         return chunk or b""
 
     async def write(self, data: bytes) -> None:
@@ -76,14 +85,20 @@ class GuestStream:
             await self._link._send(encode(FrameType.CLOSE, b"", self.id))
         self._link._streams.pop(self.id, None)
 
-    def _deliver(self, data: bytes) -> None:
-        if not self.closed:
-            self._incoming.put_nowait(data)
+    async def _deliver(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._incoming.put_nowait(data)
+        self._buffered += len(data)
+        if self._buffered > STREAM_BUFFER_LIMIT:
+            self._drained.clear()
+            await self._drained.wait()
 
     def _closed_by_guest(self) -> None:
         if not self.closed:
             self.closed = True
             self._incoming.put_nowait(None)
+            self._drained.set()
 
 
 async def splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: GuestStream) -> None:
@@ -276,18 +291,18 @@ class GuestLink:
                     if isinstance(item, ProtocolError):
                         log.warning("%s: garbage from guest: %s", self.name, item)
                     else:
-                        self._dispatch(item)
+                        await self._dispatch(item)
         except (ConnectionError, OSError) as exc:
             log.info("%s: agent channel failed: %s", self.name, exc)
         finally:
             self._mark_closed()
 
-    def _dispatch(self, frame: Frame) -> None:
+    async def _dispatch(self, frame: Frame) -> None:
         try:
             if frame.type is FrameType.DATA:
                 stream = self._streams.get(frame.stream)
                 if stream is not None:
-                    stream._deliver(frame.payload)
+                    await stream._deliver(frame.payload)
             elif frame.type is FrameType.OPENED:
                 self._resolve_open(frame.stream, None)
             elif frame.type is FrameType.CLOSE:

@@ -23,7 +23,7 @@ from pathlib import Path
 from vmcore import agent_protocol as ap
 from vmcore.engine import Engine, GuestImage, Machine, ProgressCallback, TemplateInfo
 from vmcore.errors import EngineError
-from vmcore.fork import Template, WarmPool, fork
+from vmcore.fork import Template, VmPool, fork
 from vmcore.host_kvm import kvm_status
 from vmcore.kvm import kick
 from vmcore.kvm.snapshot import SnapshotError
@@ -34,6 +34,7 @@ BACKEND = "vmcore"
 BACKEND_VERSION = "vmcore-kvm-1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CONNECT_RETRY_S = 0.2
+_pumps: set[asyncio.Future[None]] = set()
 
 
 def hardware_kvm_status() -> tuple[bool, str]:
@@ -77,7 +78,9 @@ async def connect_vsock(path: Path, port: int) -> tuple[asyncio.StreamReader, as
         finally:
             reader.feed_eof()
 
-    reader._forkvm_pump = asyncio.ensure_future(pump())  # keep a reference to the task
+    task = asyncio.ensure_future(pump())
+    _pumps.add(task)  # the loop keeps only weak references to tasks
+    task.add_done_callback(_pumps.discard)
     return reader, writer
 
 
@@ -123,7 +126,7 @@ class KvmEngine(Engine):
         self.root = root
         self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="vmcore-"))
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
-        self.pool = WarmPool(pool_size)
+        self.pool = VmPool(pool_size)
         self._templates: dict[str, tuple[float, Template]] = {}
 
     @property

@@ -14,7 +14,6 @@ import logging
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 from vmcore import compat
 from vmcore.devices.bus import Bus
@@ -57,7 +56,6 @@ class MicroVm:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._done = threading.Event()
-        self._on_exit: list[Callable[[], None]] = []
 
     @property
     def vcpu(self):
@@ -65,10 +63,6 @@ class MicroVm:
 
     def add_device(self, spec: DeviceSpec, device: object) -> None:
         self.devices[spec.name] = (spec, device)
-
-    def on_exit(self, callback: Callable[[], None]) -> None:
-        """Called from the vCPU thread when the VM stops by itself (not on pause or kill)."""
-        self._on_exit.append(callback)
 
     # --- running -------------------------------------------------------------------------------
     def run_once(self) -> int:
@@ -128,9 +122,6 @@ class MicroVm:
             self._finish(STATUS_GUEST_FAULT, f"vCPU loop failed: {exc}")
         finally:
             self._done.set()
-        if self.exit_status is not None:
-            for callback in self._on_exit:
-                callback()
 
     def start(self) -> None:
         """Run the vCPU in its own thread until pause(), kill() or the guest stops."""

@@ -5,10 +5,6 @@ import pytest
 from vmcore.kvm import kick
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running test")
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _kick_handler():
     # vCPU threads are kicked with a signal whose handler must come from the main thread.

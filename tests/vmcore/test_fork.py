@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import resource
+import time
 
 import pytest
 
 from tests.vmcore import synthetic
-from vmcore.fork import Template, WarmPool, fork
+from vmcore.fork import Template, VmPool, fork
 from vmcore.kvm.snapshot import MEMORY_FILE, SnapshotError, SnapshotState, STATE_FILE
 from vmcore.kvm.vcpu_state import VcpuState
 
@@ -103,7 +103,7 @@ def test_fork_of_a_fork(template, tmp_path):
 
 
 def test_fork_from_warm_pool(template):
-    pool = WarmPool(4)
+    pool = VmPool(4)
     try:
         assert pool.wait_full(10)
         machines = [fork(template, pool) for _ in range(6)]  # more than the pool holds
@@ -120,8 +120,6 @@ def test_threaded_run_pause_and_resume(template):
     machine = fork(template)
     synthetic.attach_report_port(machine)
     machine.start()
-    import time
-
     time.sleep(0.05)
     machine.pause()
     value = counter(machine)
@@ -156,7 +154,7 @@ def _rss_kib() -> int:
 
 @pytest.mark.slow
 def test_thousand_fork_destroy_cycles_leak_nothing(template):
-    pool = WarmPool(2)
+    pool = VmPool(2)
     try:
         for _ in range(50):  # warm up allocator and caches before measuring
             machine = fork(template, pool)

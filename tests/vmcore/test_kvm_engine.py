@@ -100,6 +100,8 @@ def test_resume_without_agent_fails_cleanly(engine):
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
+@pytest.mark.hardware_kvm
 def test_end_to_end_kernel_info_over_vsock(tmp_path):
     usable, reason = hardware_kvm_status()
     if not usable:

@@ -45,12 +45,19 @@ def guest(tmp_path_factory):
     return vmlinux, initramfs
 
 
-def _wait_for(machine, text: bytes, timeout: float) -> bool:
+def _wait_for(machine, text: bytes, timeout: float, stall: float = 60.0) -> bool:
+    """Wait for `text` on the console; give up early once the console has been silent for
+    `stall` seconds (a wedged guest)."""
     serial = machine.devices["ttyS0"][1]
     deadline = time.monotonic() + timeout
+    seen, last_change = 0, time.monotonic()
     while time.monotonic() < deadline and machine.exit_status is None:
         if text in serial.output:
             return True
+        if len(serial.output) != seen:
+            seen, last_change = len(serial.output), time.monotonic()
+        elif time.monotonic() - last_change > stall:
+            break
         time.sleep(0.2)
     return text in serial.output
 

@@ -23,8 +23,8 @@ _WRITE, _READ = 1, 2
 class KvmError(OSError):
     """An ioctl on a KVM file descriptor failed; the message names it."""
 
-    def __init__(self, name: str, err: int) -> None:
-        super().__init__(err, f"{name}: {os.strerror(err)}")
+    def __init__(self, name: str, err: int, detail: str = "") -> None:
+        super().__init__(err, f"{name}: {detail or os.strerror(err)}")
         self.ioctl = name
 
 

@@ -8,6 +8,7 @@ Persisted layout (VERSION 1), little-endian, fixed order:
 from __future__ import annotations
 
 import ctypes
+import errno
 import struct
 from dataclasses import dataclass, field
 
@@ -70,9 +71,7 @@ class VcpuState:
             entry.index = index
         read = k.get_msrs(vcpu.fd, msrs)
         if read != len(indices):
-            raise k.KvmError("KVM_GET_MSRS", 5) from RuntimeError(
-                f"MSR {indices[read]:#x} unreadable"
-            )
+            raise k.KvmError("KVM_GET_MSRS", errno.EIO, f"MSR {indices[read]:#x} unreadable")
         return cls(
             regs=k.get_regs(vcpu.fd),
             sregs=k.get_sregs(vcpu.fd),
@@ -99,8 +98,8 @@ class VcpuState:
         k.set_lapic(fd, self.lapic)
         written = k.set_msrs(fd, self.msrs)
         if written != self.msrs.nmsrs:
-            raise k.KvmError("KVM_SET_MSRS", 22) from RuntimeError(
-                f"MSR {self.msrs.entries[written].index:#x} refused"
+            raise k.KvmError(
+                "KVM_SET_MSRS", errno.EINVAL, f"MSR {self.msrs.entries[written].index:#x} refused"
             )
         events = s.KvmVcpuEvents.from_buffer_copy(self.events)
         events.flags |= k.VCPU_EVENTS_FLAGS

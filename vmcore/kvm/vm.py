@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import struct
@@ -44,7 +45,7 @@ class Kvm:
         version = k.get_api_version(self.fd)
         if version != 12:
             os.close(self.fd)
-            raise k.KvmError("KVM_GET_API_VERSION", 0) from RuntimeError(f"version {version}")
+            raise k.KvmError("KVM_GET_API_VERSION", errno.EINVAL, f"API version {version}, not 12")
         self.vcpu_mmap_size = k.get_vcpu_mmap_size(self.fd)
 
     @classmethod

@@ -90,6 +90,9 @@ def main() -> None:
     connection_file, resume_socket = sys.argv[1], sys.argv[2]
     from ipykernel.kernelapp import IPKernelApp
 
+    # Generators made before the snapshot, which the resume must reseed (see template_state).
+    from forkvm_agent import template_state  # noqa: F401
+
     app = IPKernelApp.instance()
     app.initialize(["-f", connection_file])
     ResumeListener(resume_socket, app.session).start()

@@ -40,7 +40,7 @@ class VsockDevice:
         self.transport = MmioTransport(self, memory)
         self.memory = memory
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.muxer = Muxer(uds_path, guest_cid, self.wake)
+        self.muxer = Muxer(uds_path, guest_cid)
         self.dropped_packets = 0
         self._pending_reply: list[p.Packet] = []
         self._closing = False

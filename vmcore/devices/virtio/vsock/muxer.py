@@ -14,7 +14,6 @@ import os
 import select
 import socket
 from pathlib import Path
-from typing import Callable
 
 from vmcore.devices.virtio.vsock import packet as p
 from vmcore.devices.virtio.vsock.connection import Connection
@@ -26,10 +25,9 @@ FIRST_LOCAL_PORT = 1 << 30
 
 
 class Muxer:
-    def __init__(self, path: Path, guest_cid: int, wake: Callable[[], None]) -> None:
+    def __init__(self, path: Path, guest_cid: int) -> None:
         self.path = path
         self.guest_cid = guest_cid
-        self._wake = wake  # asks the device thread to run a pass over the queues
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         if path.exists():
             path.unlink()
