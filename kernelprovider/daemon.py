@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from traitlets import Enum, Float, Int, Unicode
+from traitlets import Enum, Float, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from vmcore.engine import Engine, Machine, ResumeParams
@@ -51,6 +51,9 @@ class ForkvmDaemon(LoggingConfigurable):
     resume_timeout = Float(60.0, help="Seconds a fork has to confirm its resume").tag(config=True)
     cpu_time_limit_s = Float(0.0, help="CPU seconds a kernel process may use (0: no limit)").tag(config=True)
     wall_time_limit_s = Float(0.0, help="Seconds a kernel may live before it is killed (0: no limit)").tag(config=True)
+    prewarm = List(Unicode(), default_value=["default"], help="Templates whose pools fill at daemon start").tag(
+        config=True
+    )
     socket_path = Unicode("", help="Unix socket to serve on (default: the runtime directory's)").tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -79,6 +82,10 @@ class ForkvmDaemon(LoggingConfigurable):
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         log.info("forkvm daemon %d serving %s; backend %s: %s", os.getpid(), path, self.choice.backend, self.choice.reason)
+        existing = {t.name for t in self.engine.templates()}
+        for name in self.prewarm:
+            if name in existing and self.pool_size > 0:
+                self._pool(name, self.pool_size).fill()
         try:
             await self._stopping.wait()
         finally:

@@ -105,11 +105,21 @@ class ForkvmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def send_signal(self, signum: int) -> None:
         if self._launched:
-            await self._daemon.call("signal", kernel_id=self.kernel_id, signum=int(signum))
+            try:
+                await self._daemon.call("signal", kernel_id=self.kernel_id, signum=int(signum))
+            except DaemonError:
+                # Signalling a kernel that already died is a no-op (as for a local process that
+                # exited): shutting down a kernel whose VM is gone must not fail.
+                if await self.poll() is None:
+                    raise
 
     async def kill(self, restart: bool = False) -> None:
         if self._launched:
-            await self._daemon.call("kill", kernel_id=self.kernel_id)
+            try:
+                await self._daemon.call("kill", kernel_id=self.kernel_id)
+            except DaemonError:
+                if await self.poll() is None:
+                    raise
 
     async def terminate(self, restart: bool = False) -> None:
         if self._launched:

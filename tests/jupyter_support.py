@@ -19,6 +19,7 @@ from kernelprovider.daemon_client import call_sync, daemon_running
 # Generous on purpose: the host has two shared cores and every VM is emulated (TCG).
 KERNEL_START_TIMEOUT_S = 120
 CELL_TIMEOUT_S = 120
+TEMPLATE_NAME = "default"  # conftest.TEMPLATE
 
 # Every qemu-system process the test daemon has been seen to own; the leak check at the end
 # of the run (test_jupyter_zz_leaks.py) asserts that none of them outlives the daemon.

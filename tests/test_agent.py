@@ -23,7 +23,17 @@ import pytest
 
 from kernelprovider import paths
 from tests import vm_helpers as vh
-from vmcore.agent_protocol import HEADER, MAGIC, MAX_PAYLOAD, FrameType, encode, encode_json
+from vmcore.agent_protocol import (
+    HEADER,
+    MAGIC,
+    MAX_PAYLOAD,
+    Frame,
+    FrameReader,
+    FrameType,
+    ProtocolError,
+    encode,
+    encode_json,
+)
 from vmcore.engine import ResumeParams
 from vmcore.guest_link import GuestLink
 from vmcore.qemu.engine import QemuEngine, QemuMachine
@@ -31,8 +41,6 @@ from vmcore.qemu.process import QemuConfig, QemuProcess
 
 BOOT_GOAL_S = 60.0
 CLOCK_TOLERANCE_S = 2.0
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +56,7 @@ def engine(forkvm_template: str) -> QemuEngine:
 
 
 # --- boot ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_template_records_boot_to_ready(forkvm_template: str) -> None:
     record = json.loads((paths.template_root("qemu") / forkvm_template / "template.json").read_text())
     boot_to_ready = record["boot_to_ready_s"]
@@ -55,6 +64,7 @@ def test_template_records_boot_to_ready(forkvm_template: str) -> None:
     assert 0 < boot_to_ready < BOOT_GOAL_S
 
 
+@pytest.mark.slow
 def test_image_boots_and_agent_reports_warm_kernel_ready(loop: vh.LoopThread, tmp_path: Path, engine: QemuEngine) -> None:
     """A fresh boot of the image (not a restore): READY arrives and the console says so."""
     import forkvm_image
@@ -103,6 +113,7 @@ def test_image_boots_and_agent_reports_warm_kernel_ready(loop: vh.LoopThread, tm
     assert not errors
 
 
+@pytest.mark.slow
 def test_kernel_info_through_the_agent(loop: vh.LoopThread, engine: QemuEngine, forkvm_template: str) -> None:
     fork = vh.fork(loop, engine, forkvm_template)
     try:
@@ -119,6 +130,7 @@ def test_kernel_info_through_the_agent(loop: vh.LoopThread, engine: QemuEngine, 
 UNIQUE_VALUES = "(os.urandom(16).hex(), random.random(), float(numpy.random.random()), str(uuid.uuid4()))"
 
 
+@pytest.mark.slow
 def test_two_resumes_are_unique_with_clock_and_new_key(
     loop: vh.LoopThread, engine: QemuEngine, forkvm_template: str
 ) -> None:
@@ -164,6 +176,22 @@ def test_two_resumes_are_unique_with_clock_and_new_key(
 
 
 # --- garbage on the host channel --------------------------------------------------------------
+def test_frame_reader_resynchronises_after_garbage_and_stalled_frames() -> None:
+    """The parser alone (no VM): every garbage case yields errors, never swallows what follows
+    for good; a frame stalled on a corrupted length is dropped on request (drop_partial)."""
+    ping = encode_json(FrameType.PING, {"token": 9})
+    for name, garbage in _garbage_cases():
+        reader = FrameReader()
+        reader.feed(garbage + ping)
+        items = list(reader.frames())
+        while not any(isinstance(i, Frame) and i.type is FrameType.PING and i.payload == b'{"token":9}' for i in items):
+            assert reader.partial(), f"{name}: the PING after the garbage is lost"
+            dropped = reader.drop_partial()
+            assert isinstance(dropped, ProtocolError)
+            items += [dropped, *reader.frames()]
+        assert not reader.partial() and reader.drop_partial() is None
+
+
 def _frame(ftype: int, payload: bytes, stream: int = 0, length: int | None = None) -> bytes:
     """A frame with a valid CRC, whatever its type or declared length."""
     length = len(payload) if length is None else length
@@ -179,6 +207,8 @@ def _garbage_cases() -> list[tuple[str, bytes]]:
         ("random bytes containing the magic", b"FK" + bytes(rng.getrandbits(8) for _ in range(100)) + b"FKFKF"),
         ("truncated frame followed by a frame", ping[: len(ping) // 2] + encode_json(FrameType.PING, {"token": 2})),
         ("truncated header", ping[:7]),
+        ("truncated frame with nothing after it", _frame(FrameType.DATA, b"x" * 1000, stream=1)[:40]),
+        ("length field corrupted to 50 kB", _frame(FrameType.OPEN, b'{"port": 5555}', stream=9, length=50_000)),
         ("oversized length field", _frame(FrameType.DATA, b"x" * 16, stream=1, length=0xFFFFFFFF)),
         ("length just over the limit", _frame(FrameType.DATA, b"", stream=1, length=MAX_PAYLOAD + 1)),
         ("unknown frame type", _frame(200, b"{}")),
@@ -220,6 +250,7 @@ def _garbage_cases() -> list[tuple[str, bytes]]:
     return cases
 
 
+@pytest.mark.slow
 def test_garbage_on_the_host_channel_never_kills_the_agent(
     loop: vh.LoopThread, engine: QemuEngine, forkvm_template: str
 ) -> None:
@@ -239,7 +270,10 @@ def test_garbage_on_the_host_channel_never_kills_the_agent(
                 # Whatever came before, a complete frame after it is read (resynchronisation).
                 return await asyncio.wait_for(link.ping(), 60)
 
-            loop.run(send_and_ping())
+            try:
+                loop.run(send_and_ping())
+            except (TimeoutError, asyncio.TimeoutError):
+                pytest.fail(f"no PONG within 60 s after {name} (errors: {link.guest_errors[errors_before:][:3]})")
             new_errors = link.guest_errors[errors_before:]
             outcomes.append((name, len(new_errors), new_errors[:1]))
             assert not link.closed, f"agent channel closed after {name}"

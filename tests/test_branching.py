@@ -162,6 +162,11 @@ def test_restarting_a_branch_gives_a_fresh_kernel() -> None:
         km_a.shutdown_kernel(now=True)  # the source is gone: the restart must not need it
         km_a = None
         km_b.restart_kernel(now=True)
+        # A restarted forkvm kernel is a new VM with new ports and key: clients made before
+        # the restart are stale (jupyter_server's websockets follow such port changes).
+        kc_b.stop_channels()
+        kc_b = km_b.client()
+        kc_b.start_channels()
         kc_b.wait_for_ready(timeout=KERNEL_START_TIMEOUT_S)
         assert run(kc_b, "print('x' in globals())").strip() == "False"
         entry = next(k for k in call_sync("list", autostart=False) if k["kernel_id"] == km_b.kernel_id)
@@ -301,3 +306,194 @@ def test_branching_a_busy_kernel_carries_the_running_cell() -> None:
     finally:
         stop(km_b, kc_b)
         stop(km_a, kc_a)
+
+
+# --- Jupyter server extension and JupyterLab ---------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LabServer:
+    def __init__(self, root: Path, port: int, token: str) -> None:
+        self.root, self.port, self.token = root, port, token
+        self.url = f"http://127.0.0.1:{port}/"
+
+    def api(self, method: str, path: str, body: Any = None, token: bool = True, timeout: float = BRANCH_TIMEOUT_S + 30) -> tuple[int, Any]:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"token {self.token}"
+        data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                return exc.code, json.loads(raw)
+            except ValueError:
+                return exc.code, raw.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def lab_server(tmp_path_factory: pytest.TempPathFactory, forkvm_template: str) -> Iterator[LabServer]:
+    """JupyterLab on 127.0.0.1 with a token, talking to the test session's daemon.
+
+    Automatic restarts are off so that a kernel the test kills stays dead (instead of being
+    restarted from the template behind the test's back)."""
+    root = tmp_path_factory.mktemp("lab-root")
+    port, token = _free_port(), uuid.uuid4().hex
+    log = open(root.parent / "jupyterlab.log", "w")
+    env = forkvm_env()
+    env["JUPYTER_CONFIG_DIR"] = str(root.parent / "jupyter-config")  # no user config
+    env["JUPYTER_RUNTIME_DIR"] = str(root.parent / "jupyter-runtime")
+    root_flag = ["--allow-root"] if os.geteuid() == 0 else []
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", *root_flag, "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+         "--KernelManager.autorestart=False", "--LabApp.news_url=None",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+    )  # fmt: skip
+    server = LabServer(root, port, token)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, (root.parent / "jupyterlab.log").read_text()
+            try:
+                if server.api("GET", "api/status", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (root.parent / "jupyterlab.log").read_text()
+            time.sleep(0.5)
+        yield server
+    finally:
+        process.terminate()  # the server shuts its kernels down on the way out
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        text = (root.parent / "jupyterlab.log").read_text(errors="replace")
+        artifacts = os.environ.get("FORKVM_ARTIFACTS")
+        if artifacts:
+            Path(artifacts, "jupyterlab.log").write_text(text)
+
+
+def daemon_client(kernel_id: str) -> BlockingKernelClient:
+    """A client straight to a kernel's ports, from what the daemon says about it."""
+    info = dict(call_sync("info", autostart=False, kernel_id=kernel_id)["connection_info"])
+    info["key"] = info["key"].encode()
+    info.pop("kernel_name", None)
+    kc = BlockingKernelClient()
+    kc.load_connection_info(info)
+    kc.start_channels()
+    kc.wait_for_ready(timeout=KERNEL_START_TIMEOUT_S)
+    return kc
+
+
+def test_server_extension_branches_and_refuses_bad_input(lab_server: LabServer) -> None:
+    status, model = lab_server.api("POST", "api/kernels", {"name": "forkvm"})
+    assert status == 201, model
+    source_id = model["id"]
+    kc_a = kc_b = None
+    try:
+        kc_a = daemon_client(source_id)
+        run(kc_a, "x = 42")
+
+        status, branch = lab_server.api("POST", f"api/forkvm/kernels/{source_id}/branch")
+        assert status == 201, branch
+        assert branch["name"] == "forkvm" and branch["id"] != source_id
+        assert branch["forkvm"]["parent"] == source_id and branch["forkvm"]["source_pause_s"] >= 0
+        assert branch["id"] in {k["id"] for k in lab_server.api("GET", "api/kernels")[1]}  # the server owns it
+        kc_b = daemon_client(branch["id"])
+        assert run(kc_b, "print(x)").strip() == "42"
+
+        # Not authenticated.
+        status, body = lab_server.api("POST", f"api/forkvm/kernels/{source_id}/branch", token=False)
+        assert status == 403, body
+        # Unknown kernel id.
+        status, body = lab_server.api("POST", f"api/forkvm/kernels/{uuid.uuid4()}/branch")
+        assert status == 404 and "no kernel" in body["message"], body
+        # An ordinary python3 kernel.
+        status, model = lab_server.api("POST", "api/kernels", {"name": "python3"})
+        assert status == 201, model
+        status, body = lab_server.api("POST", f"api/forkvm/kernels/{model['id']}/branch")
+        assert status == 400 and "not a forkvm kernel" in body["message"], body
+        assert lab_server.api("DELETE", f"api/kernels/{model['id']}")[0] == 204
+        # A dead kernel (its VM killed; the server has not been told).
+        kc_a.stop_channels()
+        kc_a = None
+        call_sync("kill", autostart=False, kernel_id=source_id)
+        started = time.monotonic()
+        status, body = lab_server.api("POST", f"api/forkvm/kernels/{source_id}/branch")
+        assert status == 409 and "dead" in body["message"], body
+        assert time.monotonic() - started < 30
+        # The branch does not care.
+        assert run(kc_b, "print(x + 1)").strip() == "43"
+    finally:
+        for kc in (kc_a, kc_b):
+            if kc is not None:
+                kc.stop_channels()
+        for kernel in lab_server.api("GET", "api/kernels")[1]:
+            lab_server.api("DELETE", f"api/kernels/{kernel['id']}")
+
+
+def test_jupyterlab_branch_kernel_command(lab_server: LabServer, artifacts_dir: Path) -> None:
+    """In headless Chromium: run `x = 6*7`, click "Branch", run `print(x)` in the copy: 42."""
+    import nbformat
+    from playwright.sync_api import sync_playwright
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "forkvm", "display_name": "Python 3 (forkvm)", "language": "python"}
+    notebook.cells.append(nbformat.v4.new_code_cell(""))
+    nbformat.write(notebook, lab_server.root / "demo.ipynb")
+
+    ui_timeout_ms = 1000 * (KERNEL_START_TIMEOUT_S + BRANCH_TIMEOUT_S)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )  # fmt: skip
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 850})
+            page.set_default_timeout(ui_timeout_ms)
+            page.goto(f"{lab_server.url}lab/tree/demo.ipynb?token={lab_server.token}")
+
+            def panel(name: str):  # type: ignore[no-untyped-def]
+                tab = page.locator(".lm-TabBar-tab", has_text=name).first
+                tab.wait_for()
+                return page.locator(f"#{tab.get_attribute('data-id')}")
+
+            source = panel("demo.ipynb")
+            source.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for()
+            source.locator(".jp-Cell .cm-content").first.click()
+            page.keyboard.type("x = 6*7")
+            page.keyboard.press("Shift+Enter")
+            source.locator(".jp-InputArea-prompt", has_text="[1]:").wait_for()
+
+            source.locator(".jp-forkvm-BranchButton").click()
+            branch = panel("demo-branch-1.ipynb")
+            branch.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for()
+            branch.locator(".jp-Cell .cm-content").last.click()
+            page.keyboard.type("print(x)")
+            page.keyboard.press("Shift+Enter")
+            output = branch.locator(".jp-OutputArea-output", has_text="42")
+            output.wait_for()
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(artifacts_dir / "jupyterlab_branch.png"))
+            assert output.inner_text().strip() == "42"
+        finally:
+            browser.close()
+    assert (lab_server.root / "demo-branch-1.ipynb").exists()
+    # The server owns both kernels, and the copy's session is bound to the branch.
+    sessions = {s["path"]: s["kernel"]["id"] for s in lab_server.api("GET", "api/sessions")[1]}
+    assert sessions["demo.ipynb"] != sessions["demo-branch-1.ipynb"]
+    entry = next(k for k in call_sync("list", autostart=False) if k["kernel_id"] == sessions["demo-branch-1.ipynb"])
+    assert entry["parent"] == sessions["demo.ipynb"]

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from jupyter_client.blocking import BlockingKernelClient
@@ -144,3 +148,40 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def copy_template(source: str, name: str, **changes: Any) -> Path:
+    """A private copy of template `source` under `name` in the same store, optionally with
+    fields of template.json changed. Tests fork their own copy so that a concurrent rebuild of
+    the shared template (another session changed the guest image) cannot swap its files
+    between a test's forks; the copy maps the same guest kernel and initramfs."""
+    root = paths.template_root("qemu")
+    for _ in range(5):
+        before = (root / source / "template.json").read_text()
+        staging = root / f".building-{name}-{os.getpid()}-{time.time_ns()}"
+        staging.mkdir(parents=True)
+        subprocess.run(
+            ["cp", "--sparse=always", str(root / source / "memory.img"), str(root / source / "state.bin"), str(staging)],
+            check=True,
+        )
+        if (root / source / "template.json").read_text() != before:
+            shutil.rmtree(staging)
+            continue  # rebuilt while we copied: copy again
+        record = json.loads(before)
+        record.update(name=name, **changes)
+        (staging / "template.json").write_text(json.dumps(record, indent=2))
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        return final
+    raise RuntimeError(f"template {source} kept changing while it was copied")
+
+
+def remove_template(name: str) -> None:
+    shutil.rmtree(paths.template_root("qemu") / name, ignore_errors=True)
+
+
+def qemu_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "qemu-system-x86"], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]

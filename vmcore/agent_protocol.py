@@ -125,6 +125,23 @@ class FrameReader:
                 return
             yield item
 
+    def partial(self) -> bool:
+        """Whether the buffer starts with a frame that still waits for bytes.
+
+        A corrupted length field (still under MAX_PAYLOAD) makes the reader wait for a payload
+        that never comes, holding back every frame after it; a caller that sees a partial
+        frame make no progress for a while calls drop_partial() to resynchronise.
+        """
+        return self._buf.startswith(MAGIC)
+
+    def drop_partial(self) -> ProtocolError | None:
+        """Give up on the incomplete frame at the head of the buffer; frames() then rescans."""
+        if not self._buf.startswith(MAGIC):
+            return None
+        held = len(self._buf)
+        del self._buf[:2]
+        return ProtocolError(f"dropped an incomplete frame whose remaining bytes never came ({held} bytes held)")
+
     def _next(self) -> Frame | ProtocolError | None:
         buf = self._buf
         start = buf.find(MAGIC)

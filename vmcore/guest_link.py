@@ -321,6 +321,10 @@ class GuestLink:
                 log.warning("%s: agent reported: %s", self.name, message)
                 if frame.stream:
                     self._resolve_open(frame.stream, GuestError(message))
+                elif message.startswith(f"{FrameType.RESUME.name}:"):
+                    # The agent refused the RESUME (it answers "RESUME: <error>"): no RESUMED
+                    # will follow, so fail the wait now instead of at the resume timeout.
+                    self._fail(FrameType.RESUMED, GuestError(f"{self.name}: guest refused the resume: {message}"))
             elif frame.type is FrameType.READY:
                 self.ready_info = frame.json()
                 self._wake(frame)
@@ -360,6 +364,11 @@ class GuestLink:
         with contextlib.suppress(GuestError):
             await self._send(encode(FrameType.OPENED, b"", stream.id))
         await splice(reader, writer, stream)
+
+    def _fail(self, ftype: FrameType, error: Exception) -> None:
+        for waiter in self._waiters.pop(ftype, []):
+            if not waiter.done():
+                waiter.set_exception(error)
 
     def _wake(self, frame: Frame) -> None:
         for waiter in self._waiters.pop(frame.type, []):

@@ -221,7 +221,10 @@ class QemuEngine(Engine):
             diagnostics = process.diagnostics()
             await process.kill()
             if isinstance(exc, EngineError):
-                raise EngineError(f"restoring template {template!r} failed: {exc}; {diagnostics}") from exc
+                raise EngineError(
+                    f"restoring template {template!r} failed: {exc}; {diagnostics}; if the template is "
+                    f"damaged, rebuild it with `forkvm template build --force {template}`"
+                ) from exc
             raise
         return QemuMachine(machine_id, template, process, config)
 

@@ -37,8 +37,11 @@ class QmpClient:
         if arguments:
             request["arguments"] = arguments
         async with self._lock:
-            self._writer.write(json.dumps(request).encode() + b"\n")
-            await self._writer.drain()
+            try:
+                self._writer.write(json.dumps(request).encode() + b"\n")
+                await self._writer.drain()
+            except ConnectionError as exc:
+                raise QmpError(f"{self.name}: QEMU closed its QMP connection ({exc})") from exc
             while True:
                 message = await self._read()
                 if "event" in message:
@@ -50,7 +53,10 @@ class QmpClient:
 
     async def _read(self) -> dict[str, Any]:
         assert self._reader is not None
-        line = await self._reader.readline()
+        try:
+            line = await self._reader.readline()
+        except ConnectionError as exc:  # QEMU exited (e.g. it rejected a state file) with data in flight
+            raise QmpError(f"{self.name}: QEMU closed its QMP connection ({exc})") from exc
         if not line:
             raise QmpError(f"{self.name}: QEMU closed its QMP connection")
         return json.loads(line)

@@ -25,6 +25,9 @@ from forkvm_agent.stream_mux import StreamMux
 from forkvm_agent.transport import Transport, open_transport
 
 log = logging.getLogger("forkvm_agent")
+# How long an incomplete frame may wait for its next bytes before it is treated as garbage.
+# The host writes every frame whole, so a healthy frame's bytes follow each other closely.
+STALLED_FRAME_S = 3.0
 
 
 def uptime_s() -> float:
@@ -94,12 +97,21 @@ class Agent:
             await self._send(encode_json(FrameType.READY, self.ready))
         while True:
             try:
-                chunk = await reader.read(1 << 18)
+                if frames.partial():
+                    chunk = await asyncio.wait_for(reader.read(1 << 18), STALLED_FRAME_S)
+                else:
+                    chunk = await reader.read(1 << 18)
+            except asyncio.TimeoutError:
+                # A frame whose declared length was never delivered (a corrupted length field
+                # or a truncated frame) would hold back every later frame: resynchronise.
+                await self._error(str(frames.drop_partial()))
+                chunk = None
             except ConnectionError:
                 chunk = b""
-            if not chunk:
+            if chunk is not None and not chunk:
                 break
-            frames.feed(chunk)
+            if chunk:
+                frames.feed(chunk)
             for item in frames.frames():
                 if isinstance(item, ProtocolError):
                     await self._error(str(item))

@@ -79,6 +79,15 @@ class KernelProcess:
             # store_history=False keeps the user's first cell at In [1].
             client.execute("pass", silent=True, store_history=False, reply=True, timeout=timeout)
             client.complete("import nu", reply=True, timeout=timeout)
+            # The first exception a kernel shows loads IPython's traceback machinery, about a
+            # second under emulation: pay it here, once, so a user's first error or interrupt
+            # (KeyboardInterrupt) is quick. Then forget it, so %tb has nothing to show.
+            client.execute("raise KeyboardInterrupt", store_history=False, stop_on_error=False, reply=True, timeout=timeout)
+            client.execute(
+                "import sys\nfor _n in ('last_type', 'last_value', 'last_traceback', 'last_exc'):\n"
+                "    sys.__dict__.pop(_n, None)\ndel _n, sys",
+                silent=True, store_history=False, reply=True, timeout=timeout,
+            )  # fmt: skip
             return dict(info["content"])
         finally:
             client.stop_channels()
