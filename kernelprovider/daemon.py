@@ -33,6 +33,8 @@ from kernelprovider.zmq_bridge import KernelPortBridge
 log = logging.getLogger("forkvm.daemon")
 
 MAX_REQUEST_BYTES = 1 << 20
+# Signals the guest agent delivers to the kernel process (forkvm_agent.kernel_process.ALLOWED_SIGNALS).
+DELIVERABLE_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGKILL, signal.SIGQUIT, signal.SIGUSR1})
 Progress = Callable[[str, float | None], None]
 
 
@@ -293,6 +295,11 @@ class ForkvmDaemon(LoggingConfigurable):
     async def signal(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         kernel = self._kernel(params)
         signum = int(params["signum"])
+        if signum not in DELIVERABLE_SIGNALS:
+            # The guest agent refuses any other signal without an answer; say so here instead
+            # of reporting success for a signal that is never delivered.
+            names = ", ".join(signal.Signals(s).name for s in sorted(DELIVERABLE_SIGNALS))
+            raise RequestError(f"signal {signum} cannot be sent to a forkvm kernel (allowed: {names})")
         if kernel.poll() is not None:
             raise RequestError(f"kernel {kernel.id} is not running")
         if signum == signal.SIGKILL:

@@ -44,10 +44,8 @@ POLL_TIMEOUT_S = 15.0
 
 
 def _error(status: int, message: str) -> web.HTTPError:
-    # No %-args: APIHandler.write_error sends log_message verbatim as the JSON "message".
-    error = web.HTTPError(status, reason=None)
-    error.log_message = message
-    return error
+    # No %-args: APIHandler.write_error sends log_message as the JSON "message".
+    return web.HTTPError(status, message)
 
 
 class BranchHandler(APIHandler):

@@ -44,6 +44,7 @@ async def build_template(engine: Engine, name: str, memory_mib: int, force: bool
         and existing.image_hash == wanted_hash
         and existing.memory_mib == memory_mib
         and existing.backend_version == engine.backend_version
+        and engine.template_is_current(name)
     ):
         progress(f"template {name} is up to date", 1.0)
         return _describe(existing, up_to_date=True)

@@ -392,8 +392,13 @@ def daemon_client(kernel_id: str) -> BlockingKernelClient:
     info.pop("kernel_name", None)
     kc = BlockingKernelClient()
     kc.load_connection_info(info)
-    kc.start_channels()
-    kc.wait_for_ready(timeout=KERNEL_START_TIMEOUT_S)
+    # No heartbeat: without a kernel manager, wait_for_ready takes a heartbeat not yet
+    # answered for a dead kernel; a kernel_info round trip is the readiness test here.
+    kc.start_channels(hb=False)
+    msg_id = kc.kernel_info()
+    deadline = time.monotonic() + KERNEL_START_TIMEOUT_S
+    while kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))["parent_header"].get("msg_id") != msg_id:
+        pass
     return kc
 
 

@@ -16,6 +16,9 @@ from vmcore.kvm.vm import Vcpu
 
 INTERNAL_ERROR_EMULATION = 1
 PAGE = 4096
+_XSAVE_MXCSR_WORD = 24 // 4  # legacy FXSAVE region: MXCSR at byte 24
+_XSAVE_XSTATE_BV_WORD = 512 // 4  # XSAVE header: XSTATE_BV at byte 512
+_XFEATURE_SSE = 1 << 1
 
 COMPAT_CMDLINE = (
     "acpi=off noxsave nokaslr mitigations=off init_on_alloc=0 "
@@ -86,6 +89,16 @@ def _read_linear(vcpu: Vcpu, memory: GuestMemory, address: int, size: int) -> by
     return memory.read(translation.physical_address, size)
 
 
+def _set_mxcsr(vcpu: Vcpu, value: int) -> None:
+    """Through the XSAVE image: on kvm_pvm, KVM_GET_FPU reads MXCSR as 0 and KVM_SET_FPU's
+    value did not read back (measured), while KVM_SET_XSAVE takes it once the SSE bit is set in
+    XSTATE_BV (the kernel only copies MXCSR for SSE/AVX state)."""
+    xsave = k.get_xsave(vcpu.fd)
+    xsave.region[_XSAVE_MXCSR_WORD] = value
+    xsave.region[_XSAVE_XSTATE_BV_WORD] |= _XFEATURE_SSE
+    k.set_xsave(vcpu.fd, xsave)
+
+
 def complete_instruction(vcpu: Vcpu, memory: GuestMemory) -> str:
     """Complete the instruction KVM refused; its name. Raises UnhandledInstruction otherwise."""
     suberror, _ = vcpu.internal_error()
@@ -122,10 +135,7 @@ def complete_instruction(vcpu: Vcpu, memory: GuestMemory) -> str:
         end = at + 2 + modrm_len
         if code[at + 2] >> 6 == 0 and code[at + 2] & 7 == 5:
             address = (rip + end + address) & (1 << 64) - 1
-        mxcsr = int.from_bytes(_read_linear(vcpu, memory, address, 4), "little")
-        fpu = k.get_fpu(vcpu.fd)
-        fpu.mxcsr = mxcsr
-        k.set_fpu(vcpu.fd, fpu)
+        _set_mxcsr(vcpu, int.from_bytes(_read_linear(vcpu, memory, address, 4), "little"))
         regs.rip += end
         k.set_regs(vcpu.fd, regs)
         return "ldmxcsr"

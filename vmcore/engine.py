@@ -176,6 +176,10 @@ class Engine(abc.ABC):
     ) -> TemplateInfo:
         """Boot the image, wait for the warm kernel, save it as template `name`."""
 
+    def template_is_current(self, name: str) -> bool:
+        """False when template `name` was built in a way this backend no longer uses."""
+        return True
+
     @abc.abstractmethod
     def remove_template(self, name: str) -> None: ...
 

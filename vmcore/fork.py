@@ -117,6 +117,10 @@ def fork(
             raise SnapshotError("pool VM has a different vCPU count than the template")
         memory = GuestMemory.copy_on_write(template.path / MEMORY_FILE, template.memory_size)
         machine = MicroVm(vm, memory, name=name)
+    except BaseException:
+        vm.close()
+        raise
+    try:
         template.vm.restore(vm)
         for vcpu, state in zip(vm.vcpus, template.vcpus):
             state.restore(vcpu)
@@ -124,6 +128,6 @@ def fork(
             device = registry.build(machine, spec, **host)
             registry.persist_of(spec.kind).restore(device, saved)
     except BaseException:
-        vm.close()
+        machine.kill()  # also stops device threads already started
         raise
     return machine

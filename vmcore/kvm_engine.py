@@ -34,6 +34,7 @@ BACKEND = "vmcore"
 BACKEND_VERSION = "vmcore-kvm-1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CONNECT_RETRY_S = 0.2
+BUILD_TIMEOUT_S = 900.0
 _pumps: set[asyncio.Future[None]] = set()
 
 
@@ -186,7 +187,13 @@ class KvmEngine(Engine):
         vm = boot_linux(kernel, image.initramfs, image.cmdline, memory_mib, vsock_path, name=f"build-{name}")
         try:
             vm.start()
-            ready = await self._wait_ready(vm, vsock_path, progress)
+            try:
+                ready = await asyncio.wait_for(self._wait_ready(vm, vsock_path, progress), BUILD_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise EngineError(
+                    f"the guest agent was not ready within {BUILD_TIMEOUT_S:.0f} s "
+                    f"({hardware_kvm_status()[1]})"
+                ) from None
             progress("saving the snapshot", None)
             await asyncio.get_running_loop().run_in_executor(None, vm.snapshot, staging)
         except BaseException:

@@ -44,7 +44,11 @@ class MicroVm:
     def __init__(self, vm: Vm, memory: GuestMemory, name: str = "vm") -> None:
         self.name = name
         self.vm = vm
-        vm.set_memory(memory)
+        try:
+            vm.set_memory(memory)
+        except BaseException:
+            memory.close()
+            raise
         self.memory = memory
         self.pio = Bus()
         self.mmio = Bus()

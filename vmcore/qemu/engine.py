@@ -16,7 +16,7 @@ from vmcore.errors import EngineError
 from vmcore.guest_link import GuestLink
 from vmcore.host_kvm import kvm_status
 from vmcore.qemu import migration
-from vmcore.qemu.process import QemuConfig, QemuProcess, qemu_version
+from vmcore.qemu.process import QemuConfig, QemuProcess, host_tsc_khz, qemu_version
 from vmcore.qemu.template_store import TemplateRecord, TemplateStore, check_name
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class QemuEngine(Engine):
         self, name: str, image: GuestImage, memory_mib: int, progress: ProgressCallback, timeout: float = 900.0
     ) -> TemplateInfo:
         check_name(name)
+        cmdline = self.kernel_cmdline(image.cmdline)
         staging = self.store.staging_directory(name)
         config = QemuConfig(
             memory_mib=memory_mib,
@@ -123,7 +124,7 @@ class QemuEngine(Engine):
             accel=self.accel,
             kernel=image.kernel,
             initramfs=image.initramfs,
-            cmdline=image.cmdline,
+            cmdline=cmdline,
             share=True,
         )
         started = time.monotonic()
@@ -163,7 +164,7 @@ class QemuEngine(Engine):
             accel=self.accel,
             kernel=str(image.kernel),
             initramfs=str(image.initramfs),
-            cmdline=image.cmdline,
+            cmdline=cmdline,
             image_hash=image.image_hash,
             qemu_version=self.qemu_version,
             created=time.time(),
@@ -172,6 +173,26 @@ class QemuEngine(Engine):
         self.store.commit(staging, record)
         progress(f"template {name} ready (guest boot to warm kernel {record.boot_to_ready_s:.1f} s)", 1.0)
         return next(t for t in self.store.list() if t.name == name)
+
+    def kernel_cmdline(self, base: str) -> str:
+        """The image's kernel command line, plus the TSC frequency under TCG.
+
+        A guest under TCG cannot calibrate its TSC (microvm has no HPET or PM timer, and PIT
+        calibration fails under emulation), so it falls back to the jiffies clocksource, whose
+        lost ticks make the clock of a busy host's forks fall seconds behind within a minute.
+        TCG's guest TSC runs at the host's TSC rate, so the host's frequency is the right one.
+        """
+        if self.accel != "tcg":
+            return base
+        khz = host_tsc_khz()
+        return f"{base} tsc_early_khz={khz}" if khz else base
+
+    def template_is_current(self, name: str) -> bool:
+        try:
+            record = self.store.load(name)
+        except EngineError:
+            return False
+        return record.accel != "tcg" or "tsc_early_khz=" in record.cmdline
 
     @staticmethod
     async def _report_boot(process: QemuProcess, progress: ProgressCallback) -> None:

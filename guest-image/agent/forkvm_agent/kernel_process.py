@@ -79,6 +79,9 @@ class KernelProcess:
             # store_history=False keeps the user's first cell at In [1].
             client.execute("pass", silent=True, store_history=False, reply=True, timeout=timeout)
             client.complete("import nu", reply=True, timeout=timeout)
+            # A name completion goes through jedi, whose first use parses the builtins stubs:
+            # over a minute under emulation. In the template it is paid once for every fork.
+            client.complete("zi", reply=True, timeout=timeout)
             # The first exception a kernel shows loads IPython's traceback machinery, about a
             # second under emulation: pay it here, once, so a user's first error or interrupt
             # (KeyboardInterrupt) is quick. Then forget it, so %tb has nothing to show.
