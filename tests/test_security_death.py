@@ -50,6 +50,7 @@ def test_dead_kernel_is_reported_and_restartable(forkvm_template: str, death: st
             # The event happens inside the guest once the cell runs (under TCG, within a
             # fraction of a second); the budget counts from sending the cell.
             noticed = _seconds_until_dead(km)
+        print(f"{death}: reported dead {noticed:.2f} s after the event")
         assert noticed < DEATH_NOTICE_S, f"{death}: reported dead only after {noticed:.2f} s"
         status = asyncio.run(km.provisioner.poll())
         assert status is not None

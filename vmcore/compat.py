@@ -19,6 +19,7 @@ PAGE = 4096
 _XSAVE_MXCSR_WORD = 24 // 4  # legacy FXSAVE region: MXCSR at byte 24
 _XSAVE_XSTATE_BV_WORD = 512 // 4  # XSAVE header: XSTATE_BV at byte 512
 _XFEATURE_SSE = 1 << 1
+_VECTOR_BP, _VECTOR_GP = 3, 13
 
 COMPAT_CMDLINE = (
     "acpi=off noxsave nokaslr mitigations=off init_on_alloc=0 "
@@ -89,14 +90,28 @@ def _read_linear(vcpu: Vcpu, memory: GuestMemory, address: int, size: int) -> by
     return memory.read(translation.physical_address, size)
 
 
-def _set_mxcsr(vcpu: Vcpu, value: int) -> None:
+def _inject_exception(vcpu: Vcpu, vector: int, error_code: int | None = None) -> None:
+    events = k.get_vcpu_events(vcpu.fd)
+    events.exception.injected = 1
+    events.exception.nr = vector
+    events.exception.has_error_code = int(error_code is not None)
+    events.exception.error_code = error_code or 0
+    events.flags = 0
+    k.set_vcpu_events(vcpu.fd, events)
+
+
+def _set_mxcsr(vcpu: Vcpu, value: int) -> bool:
     """Through the XSAVE image: on kvm_pvm, KVM_GET_FPU reads MXCSR as 0 and KVM_SET_FPU's
     value did not read back (measured), while KVM_SET_XSAVE takes it once the SSE bit is set in
     XSTATE_BV (the kernel only copies MXCSR for SSE/AVX state)."""
     xsave = k.get_xsave(vcpu.fd)
+    if value & ~(xsave.region[_XSAVE_MXCSR_WORD + 1] or 0xFFBF):
+        _inject_exception(vcpu, _VECTOR_GP, error_code=0)  # what the CPU does for reserved bits
+        return False
     xsave.region[_XSAVE_MXCSR_WORD] = value
     xsave.region[_XSAVE_XSTATE_BV_WORD] |= _XFEATURE_SSE
     k.set_xsave(vcpu.fd, xsave)
+    return True
 
 
 def complete_instruction(vcpu: Vcpu, memory: GuestMemory) -> str:
@@ -119,12 +134,7 @@ def complete_instruction(vcpu: Vcpu, memory: GuestMemory) -> str:
     if code[at : at + 1] == b"\xcc":
         regs.rip += at + 1
         k.set_regs(vcpu.fd, regs)
-        events = k.get_vcpu_events(vcpu.fd)
-        events.exception.injected = 1
-        events.exception.nr = 3
-        events.exception.has_error_code = 0
-        events.flags = 0
-        k.set_vcpu_events(vcpu.fd, events)
+        _inject_exception(vcpu, _VECTOR_BP)
         return "int3"
     if code[at : at + 1] == b"\x9b":
         regs.rip += at + 1
@@ -135,8 +145,8 @@ def complete_instruction(vcpu: Vcpu, memory: GuestMemory) -> str:
         end = at + 2 + modrm_len
         if code[at + 2] >> 6 == 0 and code[at + 2] & 7 == 5:
             address = (rip + end + address) & (1 << 64) - 1
-        _set_mxcsr(vcpu, int.from_bytes(_read_linear(vcpu, memory, address, 4), "little"))
-        regs.rip += end
-        k.set_regs(vcpu.fd, regs)
+        if _set_mxcsr(vcpu, int.from_bytes(_read_linear(vcpu, memory, address, 4), "little")):
+            regs.rip += end  # a fault leaves RIP on the instruction, as the CPU would
+            k.set_regs(vcpu.fd, regs)
         return "ldmxcsr"
     raise UnhandledInstruction(f"cannot complete instruction {code[:8].hex()} at {rip:#x}")

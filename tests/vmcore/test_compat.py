@@ -22,7 +22,7 @@ def test_fwait_and_ldmxcsr_complete():
     memory = GuestMemory.anonymous(4 << 20)
     memory.write(synthetic.CODE, CODE)
     memory.write_u32(0x2100, 0x1F80)
-    memory.write_u32(synthetic.CODE + 17 + 0x2FF2, MXCSR_VALUE)  # the RIP-relative operand
+    memory.write_u32(synthetic.CODE + 16 + 0x2FF2, MXCSR_VALUE)  # the RIP-relative operand
     machine = MicroVm(Vm(), memory, name="compat")
     port = synthetic.attach_report_port(machine)
     x86_setup.enter_long_mode(machine.vcpu, memory, synthetic.CODE, rsp=synthetic.CODE)
