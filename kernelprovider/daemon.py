@@ -8,6 +8,7 @@ they survive a server restart; they die with the daemon (QEMU has PDEATHSIG set)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -49,6 +50,9 @@ class ForkvmDaemon(LoggingConfigurable):
     pool_size = Int(2, help="Forks kept ready per template").tag(config=True)
     pool_hold = Enum(["paused", "resumed"], default_value="resumed", help="State pool members wait in").tag(config=True)
     max_kernels = Int(64, help="Most kernels this user may run at once").tag(config=True)
+    fork_concurrency = Int(
+        0, help="Launches that restore and resume a VM at once, others queue (0: one per host CPU)"
+    ).tag(config=True)
     default_memory_mib = Int(1024, help="Guest RAM of templates built without --memory").tag(config=True)
     resume_timeout = Float(60.0, help="Seconds a fork has to confirm its resume").tag(config=True)
     cpu_time_limit_s = Float(0.0, help="CPU seconds a kernel process may use (0: no limit)").tag(config=True)
@@ -67,6 +71,10 @@ class ForkvmDaemon(LoggingConfigurable):
         self._template_builds: dict[str, asyncio.Task[Any]] = {}
         self._stopping = asyncio.Event()
         self.started = time.time()
+        # Launches past the warm pool restore and resume VMs; all at once on a few cores, each
+        # would take so long that every resume runs past resume_timeout. They queue instead.
+        self._fork_slots = asyncio.Semaphore(self.fork_concurrency or os.cpu_count() or 1)
+        self._launching = 0  # launches and branches under way: they count against max_kernels
 
     # --- serving --------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -211,17 +219,22 @@ class ForkvmDaemon(LoggingConfigurable):
         self._check_capacity()
         kernel_id = self._new_kernel_id(params.get("kernel_id"))
         started = time.monotonic()
-        pool = self.pools.get(template)
-        machine = self._pool(template, pool_size).take() if pool is not None else None
-        if machine is None:
-            try:
-                machine = await self.engine.restore(template)
-            except EngineError:
-                # A template that cannot be restored (missing, damaged, built for another QEMU)
-                # gets no warm pool: it would retry and spawn doomed VMs forever.
-                await self._drop_pool(template)
-                raise
-        kernel = await self._adopt(machine, kernel_id, started, self._resume_params(template))
+        self._launching += 1
+        try:
+            pool = self.pools.get(template)
+            machine = self._pool(template, pool_size).take() if pool is not None else None
+            async with self._fork_slots if machine is None else contextlib.nullcontext():
+                if machine is None:
+                    try:
+                        machine = await self.engine.restore(template)
+                    except EngineError:
+                        # A template that cannot be restored (missing, damaged, built for another
+                        # QEMU) gets no warm pool: it would retry and spawn doomed VMs forever.
+                        await self._drop_pool(template)
+                        raise
+                kernel = await self._adopt(machine, kernel_id, started, self._resume_params(template))
+        finally:
+            self._launching -= 1
         if template not in self.pools:
             # The template works: keep forks of it ready from now on.
             self._pool(template, pool_size).fill()
@@ -234,10 +247,10 @@ class ForkvmDaemon(LoggingConfigurable):
             await pool.close()
 
     def _check_capacity(self) -> None:
-        running = sum(1 for k in self.kernels.values() if k.status is None)
+        running = sum(1 for k in self.kernels.values() if k.status is None) + self._launching
         if running >= self.max_kernels:
             raise RequestError(
-                f"this user already runs {running} forkvm kernels, the limit (ForkvmDaemon.max_kernels); "
+                f"this user already runs or is starting {running} forkvm kernels, the limit (ForkvmDaemon.max_kernels); "
                 "shut one down first"
             )
 
@@ -276,8 +289,12 @@ class ForkvmDaemon(LoggingConfigurable):
         self._check_capacity()
         kernel_id = self._new_kernel_id(params.get("new_kernel_id"))
         started = time.monotonic()
-        machine = await self.engine.branch(source.machine)
-        kernel = await self._adopt(machine, kernel_id, started, self._resume_params(source.machine.template), source.id)
+        self._launching += 1
+        try:
+            machine = await self.engine.branch(source.machine)
+            kernel = await self._adopt(machine, kernel_id, started, self._resume_params(source.machine.template), source.id)
+        finally:
+            self._launching -= 1
         pause_s = getattr(source.machine, "last_branch_pause_s", None)
         log.info("kernel %s: branched from %s in %.3f s (source paused %.3f s)", kernel_id, source.id, kernel.launch_s, pause_s or 0)
         return {**kernel.describe(), "connection_info": kernel.connection_info(), "source_pause_s": pause_s}

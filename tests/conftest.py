@@ -27,6 +27,39 @@ def qemu_processes(runtime_hint: str = "") -> list[str]:
     return [line for line in out.splitlines() if runtime_hint in line]
 
 
+def daemon_qemu_pids(daemon_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(daemon_pid), "qemu-system"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        # A daemon auto-started from this process is our child: reap it, or it stays a zombie
+        # that kill(pid, 0) cannot tell from a live process.
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_for_exit(pids: list[int], timeout: float) -> list[int]:
+    """The pids still running after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid in pids if _running(pid)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="session")
 def forkvm_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private daemon runtime directory; the daemon is stopped and checked for leaks at the end."""
@@ -37,16 +70,14 @@ def forkvm_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     try:
         yield runtime
     finally:
+        leaked: list[int] = []
         if daemon_running(paths.daemon_socket()):
             pid = int(paths.daemon_pid_file().read_text())
+            vms = daemon_qemu_pids(pid)
             call_sync("stop", autostart=False)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
+            wait_for_exit([pid], 30)
+            # QEMU dies with its daemon (shutdown kills it, PDEATHSIG backs that up).
+            leaked = wait_for_exit(vms, 10)
         log = runtime / "daemon.log"
         if log.exists() and os.environ.get("FORKVM_ARTIFACTS"):
             shutil.copy(log, Path(os.environ["FORKVM_ARTIFACTS"]) / "daemon.log")
@@ -54,6 +85,7 @@ def forkvm_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ.pop("FORKVM_RUNTIME_DIR", None)
         else:
             os.environ["FORKVM_RUNTIME_DIR"] = previous
+        assert not leaked, f"QEMU processes {leaked} outlived the test daemon"
 
 
 @pytest.fixture(scope="session")

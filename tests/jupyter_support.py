@@ -48,6 +48,11 @@ def qemu_children(pid: int | None = None) -> set[int]:
 
 def pid_alive(pid: int) -> bool:
     try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # a daemon this process auto-started
+            return False
+    except ChildProcessError:
+        pass
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -50,7 +49,7 @@ class LabServer:
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
             ["jupyter", "lab", "--no-browser", f"--ServerApp.token={self.token}", f"--port={self.port}",
-             "--ServerApp.ip=127.0.0.1", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0",
+             "--ServerApp.ip=127.0.0.1", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0", "--allow-root",
              "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
@@ -77,9 +76,7 @@ class LabServer:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # twice: the second confirms the shutdown
-            time.sleep(0.5)
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signal.SIGTERM)  # stops the server and its kernels, no prompt
             try:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jupyter_client import AsyncKernelManager
 
 from kernelprovider.daemon_client import DaemonError, call_sync
 from tests.security_support import (
-    CELL_TIMEOUT_S,
     assert_usable,
     client,
     evaluate,
@@ -114,6 +114,27 @@ def test_max_kernels_refuses_the_third(limits_daemon: int, forkvm_template: str)
     # Once one is gone, a new one may start.
     with forkvm_kernel(forkvm_template) as (_, kc):
         assert_usable(kc)
+
+
+@pytest.mark.timeout(900)
+def test_max_kernels_holds_for_concurrent_launches(limits_daemon: int, forkvm_template: str) -> None:
+    """Launches racing each other must not all pass the check before any of them registers."""
+
+    async def launch() -> AsyncKernelManager:
+        km = AsyncKernelManager(kernel_name="forkvm")
+        await km.start_kernel()
+        return km
+
+    async def scenario() -> tuple[int, list[BaseException]]:
+        results = await asyncio.gather(*(launch() for _ in range(5)), return_exceptions=True)
+        started = [r for r in results if isinstance(r, AsyncKernelManager)]
+        refused = [r for r in results if isinstance(r, BaseException)]
+        await asyncio.gather(*(km.shutdown_kernel(now=True) for km in started), return_exceptions=True)
+        return len(started), refused
+
+    started, refused = asyncio.run(scenario())
+    assert started == 2, f"{started} kernels started with max_kernels=2; refusals: {refused}"
+    assert all(isinstance(e, DaemonError) and "max_kernels" in str(e) for e in refused), refused
 
 
 WALL_LIMIT_S = 20

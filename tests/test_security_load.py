@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from jupyter_client import AsyncKernelManager
 
-from kernelprovider.daemon_client import call_sync
+from kernelprovider.daemon_client import DaemonClient
 from tests.security_support import env_int
 
 pytestmark = [pytest.mark.slow]
@@ -61,7 +61,7 @@ def test_many_kernels_execute_numpy_at_once(forkvm_template: str, artifacts_dir:
         errors = [r for r in results if isinstance(r, BaseException)]
         try:
             assert not errors, f"{len(errors)} of {KERNELS} kernels did not start: {errors[:3]!r}"
-            running = {k["kernel_id"] for k in call_sync("list", autostart=False) if k["status"] is None}
+            running = {k["kernel_id"] for k in await DaemonClient(autostart=False).call("list") if k["status"] is None}
             assert {km.kernel_id for km, _ in kernels} <= running
             sizes = [100_000 + index for index in range(KERNELS)]
             cell_started = time.monotonic()

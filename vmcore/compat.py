@@ -21,11 +21,26 @@ _XSAVE_XSTATE_BV_WORD = 512 // 4  # XSAVE header: XSTATE_BV at byte 512
 _XFEATURE_SSE = 1 << 1
 _VECTOR_BP, _VECTOR_GP = 3, 13
 
-COMPAT_CMDLINE = (
-    "acpi=off noxsave nokaslr mitigations=off init_on_alloc=0 "
-    "clearcpuid=smap,smep,fsgsbase,rdpid,cx16,rdrand,rdseed,popcnt,erms,avx,avx2,ssse3,"
-    "sse4_1,sse4_2,aes,pclmulqdq,sha_ni"
-)
+COMPAT_PARAMETERS = ("acpi=off", "noxsave", "nokaslr", "mitigations=off", "init_on_alloc=0")
+# fsrm must go with erms: a 6.1 kernel that sees FSRM without ERMS patches the length check out
+# of memmove without patching in `rep movsb`, and its copy loop then runs past short lengths
+# (measured: the boot wedged at the first printk of the init task, page tables overwritten).
+HIDDEN_CPU_FEATURES = (
+    "smap smep fsgsbase rdpid cx16 rdrand rdseed popcnt erms fsrm avx avx2 ssse3 sse4_1 sse4_2 "
+    "aes pclmulqdq sha_ni"
+).split()
+
+
+def compat_cmdline(cmdline: str) -> str:
+    """`cmdline` plus the compatibility parameters, with one clearcpuid= holding the union of
+    its features and ours (the kernel honours only one clearcpuid= option)."""
+    words, hidden = [], list(HIDDEN_CPU_FEATURES)
+    for word in cmdline.split():
+        if word.startswith("clearcpuid="):
+            hidden += [f for f in word.split("=", 1)[1].split(",") if f and f not in hidden]
+        elif word not in COMPAT_PARAMETERS:
+            words.append(word)
+    return " ".join([*words, *COMPAT_PARAMETERS, "clearcpuid=" + ",".join(hidden)])
 
 _GPR_ORDER = "rax rcx rdx rbx rsp rbp rsi rdi r8 r9 r10 r11 r12 r13 r14 r15".split()
 

@@ -39,9 +39,7 @@ def boot_linux(
     name: str = "linux",
 ) -> MicroVm:
     """A paused VM about to enter the kernel; call start()."""
-    full_cmdline = " ".join(
-        part for part in (cmdline, compat.COMPAT_CMDLINE, "console=ttyS0", device_cmdline()) if part
-    )
+    full_cmdline = compat.compat_cmdline(f"{cmdline} console=ttyS0 {device_cmdline()}")
     memory = GuestMemory.anonymous(memory_mib << 20, name=name)
     machine = MicroVm(Vm(), memory, name=name)
     try:

@@ -146,6 +146,12 @@ class MicroVm:
         """True once the vCPU thread has ended."""
         return self._done.wait(timeout)
 
+    def request_stop(self) -> None:
+        """Make the vCPU thread stop at its next exit; safe from any thread, including the vCPU
+        thread itself (a device callback). pause() then waits for it."""
+        self._stop = True
+        self.vcpu.set_immediate_exit(True)
+
     def pause(self) -> None:
         """Stop the vCPU thread and leave the vCPU at an instruction boundary."""
         thread = self._thread

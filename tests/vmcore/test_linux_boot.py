@@ -18,6 +18,8 @@ from vmcore.kvm import ioctls as k
 from vmcore.linux_vm import boot_linux
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("kvm_available")]
+# ~2 minutes under kvm_pvm on a loaded 2-core machine (guest kernel emulated).
+INIT_TIMEOUT_S = 600
 
 
 def _cached_vmlinux() -> Path | None:
@@ -50,31 +52,29 @@ def _timestamps(console: bytes) -> list[float]:
     return [float(m) for m in re.findall(rb"^\[\s*(\d+\.\d+)\]", bytes(console), re.M)]
 
 
-def _wait_for(machine, text: bytes, timeout: float, stall: float = 60.0) -> bool:
-    """Wait for `text` on the console; give up early once the console has been silent for
-    `stall` seconds (a wedged guest)."""
-    serial = machine.devices["ttyS0"][1]
-    deadline = time.monotonic() + timeout
-    seen, last_change = 0, time.monotonic()
-    while time.monotonic() < deadline and machine.exit_status is None:
-        if text in serial.output:
-            return True
-        if len(serial.output) != seen:
-            seen, last_change = len(serial.output), time.monotonic()
-        elif time.monotonic() - last_change > stall:
-            break
-        time.sleep(0.2)
-    return text in serial.output
-
-
-def test_snapshot_of_booting_kernel_forks_ten_times_and_each_keeps_running(guest, tmp_path):
+def test_boot_to_init_with_vsock_probed_then_ten_forks_keep_running(guest, tmp_path):
     vmlinux, initramfs = guest
-    machine = boot_linux(vmlinux, initramfs, "tsc=reliable", 128, tmp_path / "boot.sock")
+    console = bytearray()
+    holder: list = []
+
+    def sink(data: bytes) -> None:
+        # Runs in the vCPU thread: stop right after the kernel announces /init, before init runs.
+        console.extend(data)
+        if console.endswith(b"Run /init as init process\r\n") and holder:
+            holder[0].request_stop()
+
+    machine = boot_linux(vmlinux, initramfs, "tsc=reliable", 128, tmp_path / "boot.sock", sink)
+    holder.append(machine)
     machine.start()
     try:
-        assert _wait_for(machine, b"Memory:", 120), machine.devices["ttyS0"][1].text()[-2000:]
+        assert machine.wait(INIT_TIMEOUT_S), f"no /init after {INIT_TIMEOUT_S} s: {bytes(console[-2000:])!r}"
+        assert machine.exit_status is None, machine.exit_reason
+        assert b"Run /init as init process" in console
+        transport = machine.devices["vsock"][1].transport
+        assert transport.activated, "the guest's virtio-vsock driver did not set DRIVER_OK"
+        assert all(queue.ready for queue in transport.queues)
         machine.snapshot(tmp_path / "snap")
-        snapshot_time = _timestamps(machine.devices["ttyS0"][1].output)[-1]
+        snapshot_time = _timestamps(console)[-1]
     finally:
         machine.kill()
     template = Template.load(tmp_path / "snap")
@@ -83,33 +83,16 @@ def test_snapshot_of_booting_kernel_forks_ten_times_and_each_keeps_running(guest
         serial = child.devices["ttyS0"][1]
         child.start()
         try:
-            # The console goes on with the boot log, later in guest time than the snapshot.
+            # The fork goes on from /init: the console prints later kernel messages (on this
+            # host, init's first system call faults, see shared/notes/host-kvm.md).
             deadline = time.monotonic() + 60
             while not [t for t in _timestamps(serial.output) if t > snapshot_time]:
                 assert child.exit_status is None, child.exit_reason
                 assert time.monotonic() < deadline, f"fork {i} printed nothing new: {serial.text()!r}"
-                time.sleep(0.2)
+                time.sleep(0.1)
             assert b"Linux version" not in serial.output  # continued, not rebooted
             child.pause()
             assert k.get_regs(child.vcpu.fd).rip >= 0xFFFFFFFF80000000  # in the guest kernel
+            assert child.devices["vsock"][1].transport.activated  # device state came along
         finally:
             child.kill()
-
-
-@pytest.mark.xfail(
-    reason="on this kvm_pvm host the guest kernel's direct-map page table is overwritten right "
-    "after 'Mountpoint-cache hash table entries' (a printk memmove whose length loop does not "
-    "terminate under KVM's emulator), so boot never reaches /init; see the vmcore report",
-    strict=False,
-)
-def test_boot_reaches_init_with_vsock_probed(guest, tmp_path):
-    vmlinux, initramfs = guest
-    machine = boot_linux(vmlinux, initramfs, "tsc=reliable", 128, tmp_path / "boot.sock")
-    machine.start()
-    try:
-        assert _wait_for(machine, b"Run /init", 300), machine.devices["ttyS0"][1].text()[-2000:]
-        transport = machine.devices["vsock"][1].transport
-        assert transport.activated and all(queue.ready for queue in transport.queues)
-        assert "virtio_mmio" in machine.devices["ttyS0"][1].text() or transport.activated
-    finally:
-        machine.kill()
