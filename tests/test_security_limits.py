@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from jupyter_client import AsyncKernelManager
+from traitlets.config import Config
 
 from kernelprovider.daemon_client import DaemonError, call_sync
 from tests.security_support import (
@@ -119,9 +120,15 @@ def test_max_kernels_refuses_the_third(limits_daemon: int, forkvm_template: str)
 @pytest.mark.timeout(900)
 def test_max_kernels_holds_for_concurrent_launches(limits_daemon: int, forkvm_template: str) -> None:
     """Launches racing each other must not all pass the check before any of them registers."""
+    # A template this daemon has no warm pool for yet: every launch restores and resumes a VM
+    # (seconds), so all of them are in flight together.
+    call_sync("template_build", name=SMALL_TEMPLATE, memory_mib=SMALL_MIB)
+    assert SMALL_TEMPLATE not in call_sync("status", autostart=False)["pools"]
+    config = Config()
+    config.ForkvmProvisioner.template = SMALL_TEMPLATE
 
     async def launch() -> AsyncKernelManager:
-        km = AsyncKernelManager(kernel_name="forkvm")
+        km = AsyncKernelManager(kernel_name="forkvm", config=config)
         await km.start_kernel()
         return km
 

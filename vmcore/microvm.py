@@ -30,6 +30,7 @@ from vmcore.kvm.vm import (
     EXIT_SHUTDOWN,
     EXIT_SYSTEM_EVENT,
     IO_OUT,
+    Vcpu,
     Vm,
 )
 
@@ -62,7 +63,8 @@ class MicroVm:
         self._done = threading.Event()
 
     @property
-    def vcpu(self):
+    def vcpu(self) -> Vcpu:
+        """The boot vCPU (vmcore VMs have one)."""
         return self.vm.vcpus[0]
 
     def add_device(self, spec: DeviceSpec, device: object) -> None:

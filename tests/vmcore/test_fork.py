@@ -159,6 +159,7 @@ def test_thousand_fork_destroy_cycles_leak_nothing(template):
         for _ in range(50):  # warm up allocator and caches before measuring
             machine = fork(template, pool)
             machine.kill()
+        assert pool.wait_full(10)  # count fds while the pool is not creating a VM
         fds, rss = _open_fds(), _rss_kib()
         for i in range(1000):
             machine = fork(template, pool)
@@ -166,6 +167,7 @@ def test_thousand_fork_destroy_cycles_leak_nothing(template):
                 synthetic.attach_report_port(machine)
                 synthetic.run_reports(machine, 1)
             machine.kill()
+        assert pool.wait_full(10)
         assert _open_fds() == fds
         assert _rss_kib() - rss < 8 * 1024, "RSS grew by more than 8 MiB over 1,000 forks"
     finally:
