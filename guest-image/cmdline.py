@@ -5,8 +5,10 @@ from __future__ import annotations
 # CPU features the guest kernel must not use: on the kvm_pvm hosts the kernel runs in KVM's
 # instruction emulator, which rejects these instructions (see shared/notes/host-kvm.md). User
 # space still sees the real CPUID, so numpy's SIMD dispatch is unaffected. Harmless elsewhere.
+# fsrm goes with erms: with FSRM but not ERMS, Linux 6.1's memmove drops its short-copy check
+# and overruns (found booting under vmcore: a printk memmove overwrote the page tables).
 _HIDDEN_CPU_FEATURES = (
-    "smap,smep,fsgsbase,rdpid,cx16,rdrand,rdseed,popcnt,erms,avx,avx2,"
+    "smap,smep,fsgsbase,rdpid,cx16,rdrand,rdseed,popcnt,erms,fsrm,avx,avx2,"
     "ssse3,sse4_1,sse4_2,aes,pclmulqdq,sha_ni"
 )
 
