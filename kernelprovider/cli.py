@@ -89,6 +89,13 @@ def template() -> None:
 )  # fmt: skip
 def template_build(name: str, memory_mib: int | None, force: bool, egress: tuple[str, ...]) -> None:
     """Build template NAME: guest image, boot, warm kernel, snapshot."""
+    from vmcore.errors import EngineError
+    from vmcore.qemu.template_store import check_name
+
+    try:
+        check_name(name)
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from exc
     started = time.monotonic()
     result = _call_with_progress(
         "template_build", f"template {name}", name=name, memory_mib=memory_mib, force=force, egress=list(egress)
@@ -126,8 +133,12 @@ def ps(as_json: bool) -> None:
         click.echo(json.dumps(kernels, indent=2))
         return
     table = Table("kernel", "vm", "backend", "template", "age", "private memory", "status")
+    for column in table.columns[:2]:
+        column.overflow = "fold"  # ids must stay whole: they are what `forkvm kill` takes
     for k in kernels:
         status = "running" if k["status"] is None else f"exited {k['status']}"
+        if k.get("end_reason"):
+            status += f" ({k['end_reason']})"
         table.add_row(k["kernel_id"], k["vm_id"], k["backend"], k["template"], f"{k['age_s']:.0f} s",
                       _size(k["private_memory_bytes"]), status)  # fmt: skip
     Console().print(table)
@@ -157,6 +168,11 @@ def _kernel_id_for(kernel: str) -> str:
     raise click.ClickException(f"{kernel} is not the connection file of a forkvm kernel this daemon runs")
 
 
+def _existing_file_is_not_a_connection_file(kernel: str) -> None:
+    if os.path.isfile(kernel) and not kernel.endswith(".json"):
+        raise click.ClickException(f"{kernel} is not a connection file (expected a kernel id or a kernel-*.json file)")
+
+
 @main.command()
 @click.argument("kernel")
 def branch(kernel: str) -> None:
@@ -167,6 +183,7 @@ def branch(kernel: str) -> None:
     from jupyter_client.connect import write_connection_file
     from jupyter_core.paths import jupyter_runtime_dir
 
+    _existing_file_is_not_a_connection_file(kernel)
     result = _call("branch", autostart=False, kernel_id=_kernel_id_for(kernel))
     info = result["connection_info"]
     path = os.path.join(jupyter_runtime_dir(), f"kernel-{result['kernel_id']}.json")

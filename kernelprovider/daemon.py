@@ -264,7 +264,12 @@ class ForkvmDaemon(LoggingConfigurable):
         return kernel_id
 
     async def _adopt(
-        self, machine: Machine, kernel_id: str, started: float, params: ResumeParams, parent: str | None = None
+        self,
+        machine: Machine,
+        kernel_id: str,
+        started: float,
+        params: ResumeParams,
+        parent: str | None = None,
     ) -> ForkedKernel:
         """Resume `machine` if needed, open its host ports and register it as a kernel."""
         try:

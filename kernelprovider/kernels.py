@@ -26,6 +26,7 @@ class ForkedKernel:
     started: float = field(default_factory=time.time)
     launch_s: float = 0.0
     status: int | None = None
+    end_reason: str = ""
     _watcher: asyncio.Task[None] | None = None
 
     def connection_info(self) -> dict[str, Any]:
@@ -47,9 +48,11 @@ class ForkedKernel:
             status = await asyncio.wait_for(self.machine.wait(), wall_time_limit_s or None)
         except asyncio.TimeoutError:
             log.warning("kernel %s reached its wall-time limit of %.0f s", self.id, wall_time_limit_s)
+            self.end_reason = f"wall-time limit of {wall_time_limit_s:.0f} s reached"
             status = -9
         self.status = status
-        log.info("kernel %s ended with status %s", self.id, status)
+        self.end_reason = self.end_reason or self.machine.end_reason()
+        log.info("kernel %s ended with status %s%s", self.id, status, f": {self.end_reason}" if self.end_reason else "")
         await self.release()
 
     def poll(self) -> int | None:
@@ -82,6 +85,7 @@ class ForkedKernel:
             "launch_s": round(self.launch_s, 4),
             "private_memory_bytes": self.machine.private_memory_bytes() if self.status is None else 0,
             "status": self.poll(),
+            "end_reason": self.end_reason,
             "ports": self.ports,
             "session": self.params.session,
         }

@@ -59,7 +59,8 @@ class KernelPortBridge:
         try:
             stream = await self._link.open_stream(guest_port)
         except (GuestError, asyncio.TimeoutError) as exc:
-            log.info("%s: cannot reach guest port %d: %s", self._name, guest_port, exc)
+            # Normal while a kernel shuts down: clients reconnect until their channels close.
+            log.debug("%s: cannot reach guest port %d: %s", self._name, guest_port, exc)
             writer.close()
             return
         await splice(reader, writer, stream)

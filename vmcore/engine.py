@@ -108,6 +108,10 @@ class Machine(abc.ABC):
     def private_memory_bytes(self) -> int:
         """Memory this VM does not share with its template."""
 
+    def end_reason(self) -> str:
+        """Why the VM or its kernel ended, as far as the backend can tell ("" when unknown)."""
+        return ""
+
     # --- common to every backend ---------------------------------------------------------
     async def resume(self, params: ResumeParams, timeout: float = 30.0) -> ResumeConfirmation:
         """Start the CPUs and make the guest unique. Raises EngineError without confirmation."""

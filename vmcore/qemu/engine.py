@@ -30,6 +30,14 @@ BOOT_MILESTONES = (
     ("warm kernel ready", 0.9, "warm kernel ready"),
 )
 
+# Guest console lines that say why a kernel or VM ended, most specific first.
+GUEST_DEATH_MARKERS = (
+    ("Out of memory: Killed process", "the guest ran out of memory and its OOM killer ended the kernel"),
+    ("Attempted to kill init", "the guest agent (PID 1) exited, so the guest kernel panicked"),
+    ("Kernel panic", "the guest kernel panicked"),
+    ("kernel exited with status", "the kernel process exited"),
+)
+
 
 class QemuMachine(Machine):
     backend = "qemu"
@@ -75,6 +83,13 @@ class QemuMachine(Machine):
 
     def diagnostics(self) -> str:
         return self.process.diagnostics()
+
+    def end_reason(self) -> str:
+        console = self.process.console_tail(16000)
+        for marker, reason in GUEST_DEATH_MARKERS:
+            if marker in console:
+                return reason
+        return ""
 
 
 class QemuEngine(Engine):
