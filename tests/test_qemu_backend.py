@@ -363,6 +363,7 @@ def test_200_fork_kill_cycles_leak_nothing(template: str) -> None:
         assert vh.wait_until(lambda: ready() == pool_size, 300, 0.5), "the pool did not refill"
         time.sleep(1.0)  # let the last release's sockets close
         pid = call_sync("status")["pid"]
+        os.sync()  # block counts of freshly written files change at writeback, not at write
         # The fewest fds of a few samples: a request's own connection, or one a released
         # kernel is still closing, comes and goes; a leak stays.
         samples = []

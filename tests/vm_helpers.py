@@ -173,6 +173,7 @@ def copy_template(source: str, name: str, **changes: Any) -> Path:
         final = root / name
         if final.exists():
             shutil.rmtree(final)
+        os.sync()  # settle the copy's block allocation (ext4 delalloc) before anyone measures it
         staging.rename(final)
         return final
     raise RuntimeError(f"template {source} kept changing while it was copied")
