@@ -25,6 +25,9 @@ from typing import Callable
 from vmcore.errors import EngineError
 from vmcore.guest_link import GuestLink, ResumeConfirmation
 
+# How long wait() gives a VM whose agent channel closed to finish exiting.
+VM_EXIT_GRACE_S = 2.0
+
 ProgressCallback = Callable[[str, float | None], None]
 """progress(stage description, fraction done in [0, 1] or None when unknown)."""
 
@@ -152,6 +155,9 @@ class Machine(abc.ABC):
             waiters.append(asyncio.ensure_future(self.link.wait_kernel_exit()))
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if self.poll() is None and self.link is not None and self.link.kernel_exit is None:
+                # The channel closed without a kernel exit: the VM is going; let poll() agree.
+                await asyncio.wait([waiters[0]], timeout=VM_EXIT_GRACE_S)
         finally:
             for waiter in waiters:
                 waiter.cancel()
