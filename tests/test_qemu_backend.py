@@ -262,7 +262,7 @@ def test_daemon_launch_uses_the_pool_and_falls_back_to_a_fresh_fork(template: st
             try:
                 assert vh.kernel_info(client)["content"]["status"] == "ok"
             finally:
-                client.stop_channels()
+                vh.close_client(client)
         assert vh.wait_until(lambda: ready() == 2, 300, 0.5), "the pool did not refill after the miss"
     finally:
         for kernel_id in kernels:
@@ -390,7 +390,7 @@ def test_200_fork_kill_cycles_leak_nothing(template: str) -> None:
             try:
                 assert vh.kernel_info(client)["content"]["status"] == "ok"
             finally:
-                client.stop_channels()
+                vh.close_client(client)
         assert call_sync("release", kernel_id=result["kernel_id"])["status"] is not None
     elapsed = time.monotonic() - started
     end = snapshot()

@@ -64,10 +64,19 @@ class Fork:
 
     def close_clients(self) -> None:
         for client in [self.client, *self.extra_clients]:
-            try:
-                client.stop_channels()
-            except Exception:
-                pass
+            close_client(client)
+
+
+def close_client(client: BlockingKernelClient) -> None:
+    """Close a client and its ZMQ context here and now.
+
+    Left to the garbage collector, a context whose sockets are still open terms in whatever
+    thread collects it, and blocks there: in the engine's event-loop thread that hangs the tests.
+    """
+    try:
+        client.stop_channels()
+    finally:
+        client.context.destroy(linger=0)
 
 
 def make_client(ports: dict[str, int], key: bytes) -> BlockingKernelClient:
