@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import queue
 import struct
 import zlib
 from collections.abc import Iterator
@@ -52,12 +53,22 @@ def local() -> Iterator[BlockingKernelClient]:
         km.shutdown_kernel(now=True)
 
 
+LATE_OUTPUT_S = 1.5
+
+
 def _outcome(kc: BlockingKernelClient, code: str) -> dict[str, Any]:
     """What a client sees of a cell, in a form comparable between two kernels."""
     try:
         reply, outputs = run_cell(kc, code)
     except Exception as exc:  # noqa: BLE001 - part of the comparison
         return {"client_error": type(exc).__name__}
+    # A stream that failed to encode reports on stderr when ipykernel's flush timer fires, which
+    # can be after the cell's idle status (in a local kernel too): collect what comes late.
+    while True:
+        try:
+            outputs.append(kc.get_iopub_msg(timeout=LATE_OUTPUT_S))
+        except queue.Empty:
+            break
     content = reply["content"]
     return {
         "status": content["status"],
