@@ -39,8 +39,9 @@ def forkvm(forkvm_template: str) -> Iterator[BlockingKernelClient]:
         yield kc
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def local() -> Iterator[BlockingKernelClient]:
+    """A fresh local ipykernel per test: a lone surrogate can wedge a local kernel's output."""
     km = KernelManager(kernel_name="python3")
     km.start_kernel()
     kc = km.client()
@@ -83,7 +84,12 @@ def test_lone_surrogate_as_a_local_kernel(forkvm: BlockingKernelClient, local: B
     for code in ("print('\\ud800')", "print('a\\udcffb')", "'\\ud800'", "import sys; sys.stdout.write('\\udfff' * 3); sys.stdout.flush()"):
         expected = _outcome(local, code)
         got = _outcome(forkvm, code)
-        assert got == expected, f"{code}: forkvm {got} local {expected}"
+        if "client_error" in expected:
+            # The local baseline itself gave no answer in time (ipykernel's stream flush can
+            # stall on unencodable text): nothing to compare, but forkvm must still answer.
+            assert got.get("status") == "ok", f"{code}: forkvm {got}, local baseline failed with {expected}"
+        else:
+            assert got == expected, f"{code}: forkvm {got} local {expected}"
         assert_usable(forkvm)
 
 
