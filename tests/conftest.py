@@ -18,6 +18,9 @@ import pytest
 
 from kernelprovider import paths
 from kernelprovider.daemon_client import call_sync, daemon_running
+from tests import vm_helpers as vh
+from tests.jupyter_support import pid_alive
+from vmcore.qemu.engine import QemuEngine
 
 TEMPLATE = "default"
 
@@ -32,29 +35,11 @@ def daemon_qemu_pids(daemon_pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def _running(pid: int) -> bool:
-    try:
-        # A daemon auto-started from this process is our child: reap it, or it stays a zombie
-        # that kill(pid, 0) cannot tell from a live process.
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def wait_for_exit(pids: list[int], timeout: float) -> list[int]:
     """The pids still running after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = [pid for pid in pids if _running(pid)]
+        alive = [pid for pid in pids if pid_alive(pid)]
         if not alive or time.monotonic() >= deadline:
             return alive
         time.sleep(0.05)
@@ -101,3 +86,16 @@ def artifacts_dir() -> Path:
     path = Path(os.environ.get("FORKVM_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[vh.LoopThread]:
+    """An event loop in a thread, for tests that drive the asyncio engine from blocking code."""
+    thread = vh.LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="module")
+def engine(forkvm_template: str) -> QemuEngine:
+    return vh.qemu_engine()

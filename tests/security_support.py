@@ -24,6 +24,7 @@ from traitlets.config import Config
 
 from kernelprovider import paths
 from kernelprovider.daemon_client import call_sync, daemon_running
+from tests.jupyter_support import wait_until
 
 # Generous on purpose: two shared cores, every VM emulated (TCG), other VMs running beside.
 KERNEL_START_TIMEOUT_S = 180
@@ -121,13 +122,6 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 # --- kernels through jupyter_client -------------------------------------------------------------

@@ -16,7 +16,6 @@ import random
 import struct
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,18 +43,6 @@ from vmcore.qemu.process import QemuConfig, QemuProcess
 # a timing goal is a benchmark figure, and it depends on how loaded the host is.
 BOOT_GOAL_S = 60.0
 CLOCK_TOLERANCE_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[vh.LoopThread]:
-    thread = vh.LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
-def engine(forkvm_template: str) -> QemuEngine:
-    return vh.qemu_engine()
 
 
 # --- boot ------------------------------------------------------------------------------------

@@ -35,18 +35,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[vh.LoopThread]:
-    thread = vh.LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
-def engine(forkvm_template: str) -> QemuEngine:
-    return vh.qemu_engine()
-
-
-@pytest.fixture(scope="module")
 def template(forkvm_template: str) -> Iterator[str]:
     name = f"test-backend-{os.getpid()}"
     vh.copy_template(forkvm_template, name)
