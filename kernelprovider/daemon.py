@@ -57,6 +57,11 @@ class ForkvmDaemon(LoggingConfigurable):
     resume_timeout = Float(60.0, help="Seconds a fork has to confirm its resume").tag(config=True)
     cpu_time_limit_s = Float(0.0, help="CPU seconds a kernel process may use (0: no limit)").tag(config=True)
     wall_time_limit_s = Float(0.0, help="Seconds a kernel may live before it is killed (0: no limit)").tag(config=True)
+    ended_kernel_retention_s = Float(
+        300.0,
+        help="Seconds an ended kernel that no client released stays listed with its exit status and reason "
+        "(a client such as `jupyter console` ends its kernel with a shutdown_request and never releases it)",
+    ).tag(config=True)
     prewarm = List(Unicode(), default_value=["default"], help="Templates whose pools fill at daemon start").tag(
         config=True
     )
@@ -284,8 +289,16 @@ class ForkvmDaemon(LoggingConfigurable):
         kernel = ForkedKernel(kernel_id, machine, machine.params, bridge, ports, parent=parent)
         kernel.launch_s = time.monotonic() - started
         self.kernels[kernel_id] = kernel
-        kernel.watch(self.wall_time_limit_s)
+        kernel.watch(self.wall_time_limit_s, on_end=self._forget_later)
         return kernel
+
+    def _forget_later(self, kernel: ForkedKernel) -> None:
+        def forget() -> None:
+            if self.kernels.get(kernel.id) is kernel:
+                del self.kernels[kernel.id]
+                log.info("kernel %s: ended %.0f s ago and never released; forgotten", kernel.id, self.ended_kernel_retention_s)
+
+        asyncio.get_running_loop().call_later(self.ended_kernel_retention_s, forget)
 
     async def branch(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         source = self._kernel(params)
@@ -409,6 +422,7 @@ class ForkvmDaemon(LoggingConfigurable):
 
 
 def run_daemon(argv: list[str] | None = None) -> None:
+    from jupyter_core.paths import jupyter_config_path
     from traitlets.config import Application
 
     class DaemonApp(Application):
@@ -417,6 +431,9 @@ def run_daemon(argv: list[str] | None = None) -> None:
 
     app = DaemonApp()
     app.parse_command_line(argv or [])
+    # forkvm_config.py or .json in the Jupyter config directories (traitlets keeps the command
+    # line's settings above the files').
+    app.load_config_file("forkvm_config", path=jupyter_config_path())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     async def main() -> None:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from vmcore.engine import Machine, ResumeParams
 
@@ -39,11 +39,12 @@ class ForkedKernel:
             **self.ports,
         }
 
-    def watch(self, wall_time_limit_s: float = 0.0) -> None:
-        """Notice the kernel's death (process exit in the guest, or VM gone) and free the VM."""
-        self._watcher = asyncio.ensure_future(self._watch(wall_time_limit_s))
+    def watch(self, wall_time_limit_s: float, on_end: Callable[[ForkedKernel], None]) -> None:
+        """Notice the kernel's death (process exit in the guest, or VM gone), free the VM, then
+        call `on_end` (not when the watch is stopped by a release)."""
+        self._watcher = asyncio.ensure_future(self._watch(wall_time_limit_s, on_end))
 
-    async def _watch(self, wall_time_limit_s: float) -> None:
+    async def _watch(self, wall_time_limit_s: float, on_end: Callable[[ForkedKernel], None]) -> None:
         try:
             status = await asyncio.wait_for(self.machine.wait(), wall_time_limit_s or None)
         except asyncio.TimeoutError:
@@ -54,6 +55,7 @@ class ForkedKernel:
         self.end_reason = self.end_reason or self.machine.end_reason()
         log.info("kernel %s ended with status %s%s", self.id, status, f": {self.end_reason}" if self.end_reason else "")
         await self.release()
+        on_end(self)
 
     def poll(self) -> int | None:
         if self.status is None:

@@ -454,9 +454,11 @@ def test_jupyterlab_branch_kernel_command(lab_server: LabServer, artifacts_dir: 
     import nbformat
     from playwright.sync_api import sync_playwright
 
+    # The cells are in the file, so the test clicks and runs instead of typing: keystrokes sent
+    # while a loaded host is still laying out the notebook can land before the editor has focus.
     notebook = nbformat.v4.new_notebook()
     notebook.metadata["kernelspec"] = {"name": "forkvm", "display_name": "Python 3 (forkvm)", "language": "python"}
-    notebook.cells.append(nbformat.v4.new_code_cell(""))
+    notebook.cells += [nbformat.v4.new_code_cell("x = 6*7"), nbformat.v4.new_code_cell("print(x)")]
     nbformat.write(notebook, lab_server.root / "demo.ipynb")
 
     ui_timeout_ms = 1000 * (KERNEL_START_TIMEOUT_S + BRANCH_TIMEOUT_S)
@@ -466,8 +468,8 @@ def test_jupyterlab_branch_kernel_command(lab_server: LabServer, artifacts_dir: 
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"],
         )  # fmt: skip
+        page = browser.new_page(viewport={"width": 1400, "height": 850})
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 850})
             page.set_default_timeout(ui_timeout_ms)
             page.goto(f"{lab_server.url}lab/tree/demo.ipynb?token={lab_server.token}")
 
@@ -476,24 +478,28 @@ def test_jupyterlab_branch_kernel_command(lab_server: LabServer, artifacts_dir: 
                 tab.wait_for()
                 return page.locator(f"#{tab.get_attribute('data-id')}")
 
+            def run_cell(notebook_panel, index: int) -> None:  # type: ignore[no-untyped-def]
+                # The toolbar's execution indicator says "idle" before the kernel is connected, and
+                # Lab drops a run requested then; the status bar names the kernel once it is.
+                page.locator(".jp-StatusBar-Widget", has_text="Python 3 (forkvm) | Idle").wait_for()
+                notebook_panel.locator(".jp-Cell .jp-InputArea-editor").nth(index).click()
+                page.keyboard.press("Shift+Enter")
+
             source = panel("demo.ipynb")
-            source.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for()
-            source.locator(".jp-Cell .cm-content").first.click()
-            page.keyboard.type("x = 6*7")
-            page.keyboard.press("Shift+Enter")
+            run_cell(source, 0)
             source.locator(".jp-InputArea-prompt", has_text="[1]:").wait_for()
 
             source.locator(".jp-forkvm-BranchButton").click()
             branch = panel("demo-branch-1.ipynb")
-            branch.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for()
-            branch.locator(".jp-Cell .cm-content").last.click()
-            page.keyboard.type("print(x)")
-            page.keyboard.press("Shift+Enter")
+            run_cell(branch, 1)
             output = branch.locator(".jp-OutputArea-output", has_text="42")
             output.wait_for()
             page.wait_for_timeout(500)
             page.screenshot(path=str(artifacts_dir / "jupyterlab_branch.png"))
             assert output.inner_text().strip() == "42"
+        except Exception:
+            page.screenshot(path=str(artifacts_dir / "jupyterlab_branch_failure.png"))
+            raise
         finally:
             browser.close()
     assert (lab_server.root / "demo-branch-1.ipynb").exists()

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from jupyter_client import KernelManager
 
+import tests.vm_helpers as vh
+
 from kernelprovider import paths
 from kernelprovider.daemon_client import DaemonError, call_sync, daemon_running
 from tests.jupyter_support import (
@@ -75,6 +77,36 @@ def test_daemon_starts_over_stale_socket(fresh_runtime: Path) -> None:
     status = call_sync("status")
     assert status["pid"] == daemon_pid()
     assert daemon_running(socket_path)
+
+
+def test_kernel_ended_without_release_is_listed_then_forgotten(
+    fresh_runtime: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`jupyter console` ends its kernel with a shutdown_request alone and never releases it:
+    the daemon lists it as ended for ended_kernel_retention_s (read here from the config file an
+    autostarted daemon finds in the Jupyter config directory), then forgets it."""
+    config_dir = tmp_path / "jupyter-config"
+    config_dir.mkdir()
+    settings = {"ended_kernel_retention_s": 3, "pool_size": 0, "prewarm": []}
+    (config_dir / "forkvm_config.json").write_text(json.dumps({"ForkvmDaemon": settings}))
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(config_dir))
+
+    result = call_sync("launch", template=TEMPLATE_NAME, pool_size=0)
+    kernel_id = result["kernel_id"]
+    info = result["connection_info"]
+    client = vh.make_client({k: v for k, v in info.items() if k.endswith("_port")}, info["key"].encode())
+    try:
+        client.shutdown()
+        assert wait_until(lambda: call_sync("poll", kernel_id=kernel_id)["status"] is not None, 60)
+    finally:
+        vh.close_client(client)
+    ended = daemon_kernels()
+    assert [(k["kernel_id"], k["status"]) for k in ended] == [(kernel_id, 0)], ended
+    assert ended[0]["end_reason"], ended
+    assert wait_until(lambda: daemon_kernels() == [], 30), daemon_kernels()
+    with pytest.raises(DaemonError, match="no forkvm kernel"):
+        call_sync("poll", kernel_id=kernel_id)
+    assert qemu_children() == set()
 
 
 # --- templates that are missing or damaged ---------------------------------------------------

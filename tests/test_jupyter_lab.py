@@ -120,8 +120,9 @@ def test_jupyterlab_runs_cell_in_forkvm_kernel(lab: LabServer, artifacts_dir: Pa
             page.locator(".jp-NotebookPanel-toolbar", has_text="Python 3 (forkvm)").first.wait_for(
                 timeout=UI_TIMEOUT_MS
             )
-            # Wait until Lab reports the kernel idle, so the run below is not a queued guess.
-            page.locator(".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(
+            # Wait until Lab reports the kernel connected and idle (the toolbar's execution indicator
+            # says "idle" before the kernel is connected, and Lab drops a run requested then).
+            page.locator(".jp-StatusBar-Widget", has_text="Python 3 (forkvm) | Idle").wait_for(
                 timeout=KERNEL_START_TIMEOUT_S * 1000
             )
             page.locator(".jp-Cell .jp-InputArea-editor").first.click()
