@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from vmcore.warm_pool import WarmPool
 
 from kernelprovider import paths
 from kernelprovider.backend_choice import BACKENDS, BackendChoice, choose_backend, create_engine
+from kernelprovider.kernel_identity import requested_key, requested_ports
 from kernelprovider.kernels import ForkedKernel
 from kernelprovider.template_policy import TemplatePolicy, load_policy, parse_egress, remove_policy, save_policy
 from kernelprovider.zmq_bridge import KernelPortBridge
@@ -204,9 +206,10 @@ class ForkvmDaemon(LoggingConfigurable):
             raise RequestError(f"no forkvm kernel {kernel_id!r}")
         return kernel
 
-    def _resume_params(self, template: str) -> ResumeParams:
+    def _resume_params(self, template: str, key: str | None = None) -> ResumeParams:
         policy = load_policy(self.choice.backend, template)
-        return ResumeParams(egress=policy.egress, cpu_time_limit_s=self.cpu_time_limit_s)
+        params = ResumeParams(egress=policy.egress, cpu_time_limit_s=self.cpu_time_limit_s)
+        return params if key is None else dataclasses.replace(params, key=key.encode())
 
     def _pool(self, template: str, size: int) -> WarmPool:
         pool = self.pools.get(template)
@@ -221,6 +224,8 @@ class ForkvmDaemon(LoggingConfigurable):
     async def launch(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         template = str(params.get("template") or "default")
         pool_size = int(params.get("pool_size", self.pool_size))
+        # A restart asks for the key and ports the kernel had, so its clients carry on.
+        key, ports = requested_key(params.get("key")), requested_ports(params.get("ports"))
         self._check_capacity()
         kernel_id = self._new_kernel_id(params.get("kernel_id"))
         started = time.monotonic()
@@ -237,7 +242,9 @@ class ForkvmDaemon(LoggingConfigurable):
                         # QEMU) gets no warm pool: it would retry and spawn doomed VMs forever.
                         await self._drop_pool(template)
                         raise
-                kernel = await self._adopt(machine, kernel_id, started, self._resume_params(template))
+                kernel = await self._adopt(
+                    machine, kernel_id, started, self._resume_params(template, key), rekey=key is not None, ports=ports
+                )
         finally:
             self._launching -= 1
         if template not in self.pools:
@@ -275,14 +282,23 @@ class ForkvmDaemon(LoggingConfigurable):
         started: float,
         params: ResumeParams,
         parent: str | None = None,
+        rekey: bool = False,
+        ports: dict[str, int] | None = None,
     ) -> ForkedKernel:
-        """Resume `machine` if needed, open its host ports and register it as a kernel."""
+        """Resume `machine` (again, with `params`, if `rekey`), open its host ports (`ports` when
+        they are free) and register it as a kernel."""
         try:
-            if machine.link is None:
+            if machine.link is None or rekey:
                 await machine.resume(params, timeout=self.resume_timeout)
             assert machine.link is not None and machine.params is not None
             bridge = KernelPortBridge(machine.link, machine.id)
-            ports = await bridge.start()
+            try:
+                ports = await bridge.start(ports)
+            except OSError as exc:
+                if ports is None:
+                    raise
+                log.warning("kernel %s: its earlier ports are taken (%s); it gets new ones", kernel_id, exc)
+                ports = await bridge.start()
         except BaseException:
             await machine.kill()
             raise

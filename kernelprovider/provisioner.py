@@ -25,6 +25,9 @@ class ForkvmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     _launched: bool = False
     _status: int | None = None
+    # Set by cleanup(restart=True): the key and ports the next launch asks to keep, so clients
+    # connected before a restart carry on (as with a local kernel).
+    _restart_identity: dict[str, Any] | None = None
     _branched: bool = False  # this kernel was created by a branch (restarts fork the template)
     # What the daemon said about the last launch (vm_id, launch_s, and for a branch parent, source_pause_s).
     launch_result: dict[str, Any] | None = None
@@ -58,8 +61,9 @@ class ForkvmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._branched = True
             self.template = str(result.get("template") or self.template)
         else:
-            request.update(template=self.template, pool_size=self.pool_size)
+            request.update(template=self.template, pool_size=self.pool_size, **(self._restart_identity or {}))
             result = await self._launch_from_template(request)
+        self._restart_identity = None
         info = dict(result["connection_info"])
         info["key"] = info["key"].encode()
         self.connection_info = info
@@ -130,6 +134,12 @@ class ForkvmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def cleanup(self, restart: bool = False) -> None:
         if self._launched:
+            if restart:
+                key = self.connection_info["key"]
+                self._restart_identity = {
+                    "key": key.decode() if isinstance(key, bytes) else key,
+                    "ports": {name: port for name, port in self.connection_info.items() if name.endswith("_port")},
+                }
             try:
                 self._status = (await self._daemon.call("release", kernel_id=self.kernel_id))["status"]
             except DaemonError as exc:

@@ -29,14 +29,24 @@ class KernelPortBridge:
         self._connections: set[asyncio.Task[None]] = set()
         self.ports: dict[str, int] = {}
 
-    async def start(self) -> dict[str, int]:
-        """Listen on one port per channel; returns {"shell_port": ..., ...}."""
-        for channel, guest_port in GUEST_KERNEL_PORTS.items():
-            server = await asyncio.start_server(
-                lambda r, w, p=guest_port: self._accept(r, w, p), self._host, 0, limit=READ_CHUNK
-            )
-            self._servers.append(server)
-            self.ports[f"{channel}_port"] = server.sockets[0].getsockname()[1]
+    async def start(self, ports: dict[str, int] | None = None) -> dict[str, int]:
+        """Listen on one port per channel, the given ones or ephemeral ones; returns
+        {"shell_port": ..., ...}. Raises OSError, listening on none, if a given port is taken."""
+        try:
+            for channel, guest_port in GUEST_KERNEL_PORTS.items():
+                name = f"{channel}_port"
+                server = await asyncio.start_server(
+                    lambda r, w, p=guest_port: self._accept(r, w, p),
+                    self._host,
+                    (ports or {}).get(name, 0),
+                    limit=READ_CHUNK,
+                )
+                self._servers.append(server)
+                self.ports[name] = server.sockets[0].getsockname()[1]
+        except OSError:
+            await self.close()
+            self.ports.clear()
+            raise
         return dict(self.ports)
 
     async def close(self) -> None:

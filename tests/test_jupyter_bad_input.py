@@ -220,6 +220,22 @@ MALFORMED = [
     (b'{"id": 12, "method": "signal", "params": {"kernel_id": "not-a-kernel"}}\n', 12, "no forkvm kernel"),
     (b'{"id": 13, "method": "status", "params": [1, 2]}\n', 13, "params must be a JSON object"),
     (b'{"id": 14, "method": "launch", "params": {"pool_size": "lots"}}\n', 14, "bad request"),
+    # What a restart may ask to keep is checked before any VM is touched.
+    (b'{"id": 15, "method": "launch", "params": {"key": "short"}}\n', 15, "key must be"),
+    (b'{"id": 16, "method": "launch", "params": {"key": "' + b"k" * 64 + b'\\n"}}\n', 16, "key must be"),
+    (b'{"id": 17, "method": "launch", "params": {"ports": {"shell_port": 5000}}}\n', 17, "ports must name"),
+    (
+        b'{"id": 18, "method": "launch", "params": {"ports": {"shell_port": 22, "iopub_port": 5001, '
+        b'"stdin_port": 5002, "control_port": 5003, "hb_port": 5004}}}\n',
+        18,
+        "shell_port must be a port number",
+    ),
+    (
+        b'{"id": 19, "method": "launch", "params": {"ports": {"shell_port": 5000, "iopub_port": 5000, '
+        b'"stdin_port": 5002, "control_port": 5003, "hb_port": 5004}}}\n',
+        19,
+        "five different",
+    ),
 ]
 
 

@@ -146,23 +146,22 @@ def test_vm_killed_from_outside_then_restart(kernel: tuple[KernelManager, Any]) 
     assert run_sync(km.provisioner.poll)() is not None
     assert wait_until(lambda: not pid_alive(pid), 5), f"QEMU {pid} was not reaped"
 
+    before = km.get_connection_info()
     km.restart_kernel()
-    kc.stop_channels()
-    kc2 = km.client()  # a restart gives new host ports
-    kc2.start_channels()
-    try:
-        kc2.wait_for_ready(timeout=KERNEL_START_TIMEOUT_S)
-        new_entry = kernel_entry(km.kernel_id)
-        assert new_entry is not None and new_entry["status"] is None
-        assert new_entry["vm_id"] != old_entry["vm_id"], "restart must give a new fork"
-        assert new_entry["pid"] != pid
-        reply, _ = execute(kc2, "before_restart")
-        assert reply["content"]["status"] == "error"
-        assert reply["content"]["ename"] == "NameError"
-        reply, outputs = execute(kc2, "1+1")
-        assert reply["content"]["status"] == "ok" and result_text(outputs) == "2"
-    finally:
-        kc2.stop_channels()
+    # A new fork behind the same ports and key (as a local kernel restarts): the client made
+    # before the restart carries on.
+    assert km.get_connection_info() == before
+    kc.wait_for_ready(timeout=KERNEL_START_TIMEOUT_S)
+    new_entry = kernel_entry(km.kernel_id)
+    assert new_entry is not None and new_entry["status"] is None
+    assert new_entry["vm_id"] != old_entry["vm_id"], "restart must give a new fork"
+    assert new_entry["pid"] != pid
+    assert new_entry["session"] != old_entry["session"]
+    reply, _ = execute(kc, "before_restart")
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "NameError"
+    reply, outputs = execute(kc, "1+1")
+    assert reply["content"]["status"] == "ok" and result_text(outputs) == "2"
 
 
 def test_nbclient_pending_cell_fails_when_vm_killed() -> None:

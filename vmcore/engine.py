@@ -117,12 +117,16 @@ class Machine(abc.ABC):
 
     # --- common to every backend ---------------------------------------------------------
     async def resume(self, params: ResumeParams, timeout: float = 30.0) -> ResumeConfirmation:
-        """Start the CPUs and make the guest unique. Raises EngineError without confirmation."""
+        """Start the CPUs and make the guest unique. Raises EngineError without confirmation.
+
+        On a guest already resumed (a warm-pool member held running) it installs `params` in
+        place of the earlier ones: how a restarted kernel keeps the key its clients hold."""
         self.params = params
-        reader, writer = await self.open_channel()
-        self.link = GuestLink(reader, writer, name=self.id)
-        self.link.start()
-        await self.start_cpus()
+        if self.link is None:
+            reader, writer = await self.open_channel()
+            self.link = GuestLink(reader, writer, name=self.id)
+            self.link.start()
+            await self.start_cpus()
         try:
             self.confirmation = await asyncio.wait_for(self.link.resume(params), timeout)
         except (asyncio.TimeoutError, ConnectionError, EngineError) as exc:
