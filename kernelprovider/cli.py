@@ -180,24 +180,19 @@ def branch(kernel: str) -> None:
 
     Prints the new kernel's connection file, e.g. for `jupyter console --existing FILE`.
     """
-    from jupyter_client.connect import write_connection_file
     from jupyter_core.paths import jupyter_runtime_dir
 
     _existing_file_is_not_a_connection_file(kernel)
-    result = _call("branch", autostart=False, kernel_id=_kernel_id_for(kernel))
-    info = result["connection_info"]
-    path = os.path.join(jupyter_runtime_dir(), f"kernel-{result['kernel_id']}.json")
     os.makedirs(jupyter_runtime_dir(), exist_ok=True)
-    write_connection_file(
-        path, ip=info["ip"], key=info["key"].encode(), transport=info["transport"],
-        signature_scheme=info["signature_scheme"], kernel_name=info["kernel_name"],
-        **{name: info[name] for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")},
-    )  # fmt: skip
+    # The daemon writes the file, and removes it when the kernel is released or forgotten.
+    result = _call(
+        "branch", autostart=False, kernel_id=_kernel_id_for(kernel), connection_dir=os.path.abspath(jupyter_runtime_dir())
+    )
     console.print(
         f"[dim]branched {result['parent']} -> {result['kernel_id']} in {result['launch_s']:.2f} s "
         f"(source paused {result['source_pause_s'] or 0:.3f} s)[/dim]"
     )
-    click.echo(path)
+    click.echo(result["connection_file"])
 
 
 @main.command()

@@ -118,7 +118,7 @@ class ForkvmDaemon(LoggingConfigurable):
         for kernel in list(self.kernels.values()):
             await kernel.stop_watching()
             await kernel.release()
-        self.kernels.clear()
+            self._remove(kernel)
         await self.engine.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -272,7 +272,7 @@ class ForkvmDaemon(LoggingConfigurable):
         if existing is not None:
             if existing.poll() is None:
                 raise RequestError(f"kernel {kernel_id} already exists and runs")
-            del self.kernels[kernel_id]
+            self._remove(existing)
         return kernel_id
 
     async def _adopt(
@@ -311,13 +311,26 @@ class ForkvmDaemon(LoggingConfigurable):
     def _forget_later(self, kernel: ForkedKernel) -> None:
         def forget() -> None:
             if self.kernels.get(kernel.id) is kernel:
-                del self.kernels[kernel.id]
+                self._remove(kernel)
                 log.info("kernel %s: ended %.0f s ago and never released; forgotten", kernel.id, self.ended_kernel_retention_s)
 
-        asyncio.get_running_loop().call_later(self.ended_kernel_retention_s, forget)
+        kernel.forget_timer = asyncio.get_running_loop().call_later(self.ended_kernel_retention_s, forget)
+
+    def _remove(self, kernel: ForkedKernel) -> None:
+        if self.kernels.get(kernel.id) is kernel:
+            del self.kernels[kernel.id]
+        kernel.remove_connection_file()
+        if kernel.forget_timer is not None:
+            # A cancelled timer drops its callback, and with it the kernel, at once.
+            kernel.forget_timer.cancel()
+            kernel.forget_timer = None
 
     async def branch(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         source = self._kernel(params)
+        connection_dir = params.get("connection_dir")
+        if connection_dir is not None and not (isinstance(connection_dir, str) and os.path.isabs(connection_dir)
+                                               and os.path.isdir(connection_dir)):  # fmt: skip
+            raise RequestError(f"connection_dir {connection_dir!r} is not an existing absolute directory")
         if source.poll() is not None:
             raise RequestError(f"kernel {source.id} is dead (status {source.status}); only a running kernel can be branched")
         self._check_capacity()
@@ -331,7 +344,10 @@ class ForkvmDaemon(LoggingConfigurable):
             self._launching -= 1
         pause_s = getattr(source.machine, "last_branch_pause_s", None)
         log.info("kernel %s: branched from %s in %.3f s (source paused %.3f s)", kernel_id, source.id, kernel.launch_s, pause_s or 0)
-        return {**kernel.describe(), "connection_info": kernel.connection_info(), "source_pause_s": pause_s}
+        result = {**kernel.describe(), "connection_info": kernel.connection_info(), "source_pause_s": pause_s}
+        if connection_dir is not None:
+            result["connection_file"] = str(kernel.write_connection_file(Path(connection_dir)))
+        return result
 
     async def poll(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         return {"status": self._kernel(params).poll()}
@@ -368,7 +384,7 @@ class ForkvmDaemon(LoggingConfigurable):
         kernel = self._kernel(params)
         await kernel.stop_watching()
         await kernel.release()
-        self.kernels.pop(kernel.id, None)
+        self._remove(kernel)
         return {"status": kernel.status}
 
     async def list_kernels(self, params: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:

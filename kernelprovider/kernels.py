@@ -6,7 +6,10 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
+
+from jupyter_client.connect import write_connection_file
 
 from vmcore.engine import Machine, ResumeParams
 
@@ -27,6 +30,9 @@ class ForkedKernel:
     launch_s: float = 0.0
     status: int | None = None
     end_reason: str = ""
+    # A connection file the daemon wrote for this kernel (a `forkvm branch`); it goes with the kernel.
+    connection_file: Path | None = None
+    forget_timer: asyncio.TimerHandle | None = None  # the daemon's, for an ended kernel nobody released
     _watcher: asyncio.Task[None] | None = None
 
     def connection_info(self) -> dict[str, Any]:
@@ -38,6 +44,18 @@ class ForkedKernel:
             "kernel_name": "forkvm",
             **self.ports,
         }
+
+    def write_connection_file(self, directory: Path) -> Path:
+        path = directory / f"kernel-{self.id}.json"
+        info = self.connection_info()
+        write_connection_file(str(path), **{**info, "key": info["key"].encode()})
+        self.connection_file = path
+        return path
+
+    def remove_connection_file(self) -> None:
+        if self.connection_file is not None:
+            self.connection_file.unlink(missing_ok=True)
+            self.connection_file = None
 
     def watch(self, wall_time_limit_s: float, on_end: Callable[[ForkedKernel], None]) -> None:
         """Notice the kernel's death (process exit in the guest, or VM gone), free the VM, then

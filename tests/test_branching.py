@@ -177,6 +177,7 @@ def test_restarting_a_branch_gives_a_fresh_kernel() -> None:
 def test_cli_branch_by_id_and_by_connection_file() -> None:
     km_a = kc_a = None
     branches: list[tuple[str, BlockingKernelClient]] = []
+    connection_files: list[Path] = []
     try:
         km_a, kc_a = start_kernel()
         run(kc_a, SETUP)
@@ -188,6 +189,7 @@ def test_cli_branch_by_id_and_by_connection_file() -> None:
             assert Path(connection_file).exists(), result.stdout
             assert "source paused" in result.stderr, result.stderr
             kernel_id = Path(connection_file).stem.removeprefix("kernel-")
+            connection_files.append(Path(connection_file))
             kc = client_for(connection_file)
             branches.append((kernel_id, kc))
             assert run(kc, CHECK).strip() == EXPECTED_STATE
@@ -198,6 +200,8 @@ def test_cli_branch_by_id_and_by_connection_file() -> None:
             kc.stop_channels()
             daemon_release(kernel_id)
         stop(km_a, kc_a)
+    # The daemon wrote each branch's connection file, and removed it with the kernel.
+    assert [path for path in connection_files if path.exists()] == []
 
 
 # --- bad input ----------------------------------------------------------------------------

@@ -68,6 +68,17 @@ def test_forks_do_not_share_variables(five_forks: list[vh.Fork]) -> None:
     assert vh.evaluate(first.client, "", "forkvm_secret") == "only in the first fork"
 
 
+def test_every_fork_runs_under_a_seccomp_sandbox(five_forks: list[vh.Fork]) -> None:
+    """A guest that took over its QEMU still cannot exec, spawn or raise privileges."""
+    for f in five_forks:
+        pid = f.machine.pid
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert "\nSeccomp:\t2\n" in status, f"QEMU {pid} has no seccomp filter"
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        sandbox = argv[argv.index(b"-sandbox") + 1].decode()
+        assert {"on", "spawn=deny", "elevateprivileges=deny", "obsolete=deny"} <= set(sandbox.split(",")), sandbox
+
+
 def test_five_forks_have_five_different_random_streams(five_forks: list[vh.Fork]) -> None:
     values = [vh.evaluate(f.client, "import os, random, uuid, numpy", UNIQUE) for f in five_forks]
     for index, name in enumerate(("os.urandom(16)", "random.random()", "numpy.random.random()", "uuid.uuid4()")):
@@ -161,6 +172,26 @@ def test_template_records_image_hash_and_qemu_version(engine: QemuEngine, templa
     assert record.qemu_version.startswith("QEMU emulator version")
     info = next(t for t in engine.templates() if t.name == forkvm_template)
     assert info.image_hash == record.image_hash and info.backend_version == record.qemu_version
+
+
+def test_template_built_now_saves_a_state_its_forks_restore(loop: vh.LoopThread, engine: QemuEngine) -> None:
+    """Not the cached template: boot the image to a warm kernel, save it (the sandboxed QEMU
+    writes its state into a file descriptor the engine passes it), then fork it."""
+    import forkvm_image
+
+    name = f"test-build-{os.getpid()}"
+    image = forkvm_image.build_image(lambda stage, fraction: None)  # the cached image
+    try:
+        info = loop.run(engine.build_template(name, image, 512, lambda stage, fraction: None))
+        assert info.memory_mib == 512 and info.image_hash == image.image_hash
+        assert (engine.store.directory(name) / "state.bin").stat().st_size > 0
+        fork = vh.fork(loop, engine, name)
+        try:
+            assert vh.kernel_info(fork.client)["content"]["status"] == "ok"
+        finally:
+            vh.release(loop, fork)
+    finally:
+        vh.remove_template(name)
 
 
 def test_restore_refuses_a_template_from_another_qemu(loop: vh.LoopThread, engine: QemuEngine, template: str) -> None:

@@ -12,7 +12,7 @@ source pauses only for the final dirty pages (QEMU's downtime), then runs on.
 from __future__ import annotations
 
 import asyncio
-import shlex
+import os
 from pathlib import Path
 
 from vmcore.errors import EngineError
@@ -21,6 +21,7 @@ from vmcore.qemu.qmp import QmpClient
 POLL_S = 0.005
 # QEMU throttles migration to 128 MiB/s by default; a local transfer should go at memory speed.
 LOCAL_BANDWIDTH = 64 << 30
+STATE_FD_NAME = "forkvm-state"
 
 
 async def _set_capabilities(qmp: QmpClient, ignore_shared: bool) -> None:
@@ -44,17 +45,32 @@ async def _wait_for_completion(qmp: QmpClient, what: str, timeout: float) -> Non
         await asyncio.sleep(POLL_S)
 
 
+async def _pass_file(qmp: QmpClient, path: Path, flags: int) -> str:
+    """Hand QEMU an open file as a named fd: its sandbox forbids spawning a helper such as `cat`."""
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    try:
+        await qmp.execute("getfd", pass_fd=fd, fdname=STATE_FD_NAME)
+    finally:
+        os.close(fd)
+    return f"fd:{STATE_FD_NAME}"
+
+
 async def save_state(qmp: QmpClient, state_file: Path, ignore_shared: bool = True, timeout: float = 300.0) -> None:
     """Write the paused VM's state to `state_file`."""
     await _set_capabilities(qmp, ignore_shared)
-    await qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(state_file))}")
+    uri = await _pass_file(qmp, state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    await qmp.execute("migrate", uri=uri)
     await _wait_for_completion(qmp, "saving state", timeout)
 
 
 async def load_state(qmp: QmpClient, state_file: Path, ignore_shared: bool = True, timeout: float = 300.0) -> None:
     """Load `state_file` into a VM started with `-incoming defer`; it stays paused."""
     await _set_capabilities(qmp, ignore_shared)
-    await qmp.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(state_file))}")
+    try:
+        uri = await _pass_file(qmp, state_file, os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise EngineError(f"{qmp.name}: no state file {state_file}") from exc
+    await qmp.execute("migrate-incoming", uri=uri)
     await _wait_for_completion(qmp, "loading state", timeout)
 
 

@@ -62,6 +62,9 @@ class QemuConfig:
             "-m", f"{self.memory_mib}M",
             "-object", self._memory_backend(),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            # seccomp: a guest that took over QEMU still cannot exec, raise privileges or use
+            # obsolete system calls (state files come in as fds, so nothing needs spawning).
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=console,fd={console_fd}", "-serial", "chardev:console",
             "-chardev", f"socket,id=agent,fd={agent_fd}",

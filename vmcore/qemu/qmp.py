@@ -30,17 +30,24 @@ class QmpClient:
             raise QmpError(f"{self.name}: not a QMP greeting: {greeting}")
         await self.execute("qmp_capabilities")
 
-    async def execute(self, command: str, **arguments: Any) -> Any:
+    async def execute(self, command: str, *, pass_fd: int | None = None, **arguments: Any) -> Any:
+        """Run a QMP command; `pass_fd` travels with it as SCM_RIGHTS (for `getfd`)."""
         if self._writer is None:
             raise QmpError(f"{self.name}: QMP is not connected")
         request: dict[str, Any] = {"execute": command}
         if arguments:
             request["arguments"] = arguments
+        line = json.dumps(request).encode() + b"\n"
         async with self._lock:
             try:
-                self._writer.write(json.dumps(request).encode() + b"\n")
-                await self._writer.drain()
-            except ConnectionError as exc:
+                if pass_fd is None:
+                    self._writer.write(line)
+                    await self._writer.drain()
+                else:
+                    # Nothing else is queued (the lock is held and every write drained), so the
+                    # raw socket can take this line and its fd in one sendmsg.
+                    socket.send_fds(self._sock, [line], [pass_fd])
+            except (ConnectionError, BlockingIOError) as exc:
                 raise QmpError(f"{self.name}: QEMU closed its QMP connection ({exc})") from exc
             while True:
                 message = await self._read()
