@@ -207,6 +207,8 @@ def run(code: str, timeout: float) -> None:
     ready = time.monotonic() - started
     try:
         reply = client.execute_interactive(code, timeout=timeout)
+    except TimeoutError:
+        raise click.ClickException(f"the cell did not finish within {timeout:g} s (--timeout)") from None
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=False)
@@ -231,6 +233,9 @@ def daemon_start() -> None:
         pid = start_daemon_process(socket_path)
     except DaemonError as exc:
         raise click.ClickException(str(exc)) from exc
+    if pid < 0:  # another start won the race
+        click.echo(f"forkvm daemon already running ({socket_path})")
+        return
     click.echo(f"forkvm daemon started, pid {pid}, log {paths.daemon_log()}")
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import time
 import uuid
@@ -28,6 +30,7 @@ from vmcore.warm_pool import WarmPool
 
 from kernelprovider import paths
 from kernelprovider.backend_choice import BACKENDS, BackendChoice, choose_backend, create_engine
+from kernelprovider.daemon_client import ALREADY_RUNNING_EXIT
 from kernelprovider.kernel_identity import requested_key, requested_ports
 from kernelprovider.kernels import ForkedKernel
 from kernelprovider.template_policy import TemplatePolicy, load_policy, parse_egress, remove_policy, save_policy
@@ -45,6 +48,13 @@ class RequestError(Exception):
     """A request the daemon refuses; the message goes back to the client."""
 
 
+class DaemonAlreadyRunning(Exception):
+    """Another daemon holds this socket's lock."""
+
+
+KERNEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 class ForkvmDaemon(LoggingConfigurable):
     backend = Enum(list(BACKENDS), default_value="auto", help="VM backend: auto picks vmcore on hardware KVM").tag(
         config=True
@@ -52,6 +62,7 @@ class ForkvmDaemon(LoggingConfigurable):
     pool_size = Int(2, help="Forks kept ready per template").tag(config=True)
     pool_hold = Enum(["paused", "resumed"], default_value="resumed", help="State pool members wait in").tag(config=True)
     max_kernels = Int(64, help="Most kernels this user may run at once").tag(config=True)
+    max_pool_size = Int(8, help="Largest warm pool a launch may ask for").tag(config=True)
     fork_concurrency = Int(
         0, help="Launches that restore and resume a VM at once, others queue (0: one per host CPU)"
     ).tag(config=True)
@@ -81,11 +92,21 @@ class ForkvmDaemon(LoggingConfigurable):
         # Launches past the warm pool restore and resume VMs; all at once on a few cores, each
         # would take so long that every resume runs past resume_timeout. They queue instead.
         self._fork_slots = asyncio.Semaphore(self.fork_concurrency or os.cpu_count() or 1)
-        self._launching = 0  # launches and branches under way: they count against max_kernels
+        # Kernel ids of launches and branches under way: they count against max_kernels, and
+        # a second request for the same id must not start a second VM.
+        self._launching_ids: set[str] = set()
 
     # --- serving --------------------------------------------------------------------------
     async def serve(self) -> None:
         path = Path(self.socket_path) if self.socket_path else paths.daemon_socket()
+        # Held for the daemon's life: two daemons started at once (two notebooks opening
+        # together) would each unlink the other's socket and orphan its VMs.
+        lock_fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise DaemonAlreadyRunning(f"another forkvm daemon serves (or is starting on) {path}") from None
         if path.exists():
             path.unlink()
         old_umask = os.umask(0o177)
@@ -164,7 +185,7 @@ class ForkvmDaemon(LoggingConfigurable):
             await self._reply(writer, {"id": request_id, "result": result})
         except (RequestError, EngineError) as exc:
             await self._reply(writer, {"id": request_id, "error": str(exc)})
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, ArithmeticError, RecursionError) as exc:
             await self._reply(writer, {"id": request_id, "error": f"bad request: {type(exc).__name__}: {exc}"})
         except Exception as exc:
             log.exception("request failed")
@@ -223,13 +244,13 @@ class ForkvmDaemon(LoggingConfigurable):
 
     async def launch(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         template = str(params.get("template") or "default")
-        pool_size = int(params.get("pool_size", self.pool_size))
+        pool_size = self._requested_pool_size(params.get("pool_size"))
         # A restart asks for the key and ports the kernel had, so its clients carry on.
         key, ports = requested_key(params.get("key")), requested_ports(params.get("ports"))
         self._check_capacity()
         kernel_id = self._new_kernel_id(params.get("kernel_id"))
         started = time.monotonic()
-        self._launching += 1
+        self._launching_ids.add(kernel_id)
         try:
             pool = self.pools.get(template)
             machine = self._pool(template, pool_size).take() if pool is not None else None
@@ -246,12 +267,19 @@ class ForkvmDaemon(LoggingConfigurable):
                     machine, kernel_id, started, self._resume_params(template, key), rekey=key is not None, ports=ports
                 )
         finally:
-            self._launching -= 1
+            self._launching_ids.discard(kernel_id)
         if template not in self.pools:
             # The template works: keep forks of it ready from now on.
             self._pool(template, pool_size).fill()
         log.info("kernel %s: vm %s from %s in %.3f s", kernel_id, machine.id, template, kernel.launch_s)
         return {**kernel.describe(), "connection_info": kernel.connection_info()}
+
+    def _requested_pool_size(self, value: object) -> int:
+        if value is None:
+            return self.pool_size
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self.max_pool_size:
+            raise RequestError(f"pool_size must be a whole number from 0 to {self.max_pool_size} (ForkvmDaemon.max_pool_size)")
+        return value
 
     async def _drop_pool(self, template: str) -> None:
         pool = self.pools.pop(template, None)
@@ -259,7 +287,7 @@ class ForkvmDaemon(LoggingConfigurable):
             await pool.close()
 
     def _check_capacity(self) -> None:
-        running = sum(1 for k in self.kernels.values() if k.status is None) + self._launching
+        running = sum(1 for k in self.kernels.values() if k.status is None) + len(self._launching_ids)
         if running >= self.max_kernels:
             raise RequestError(
                 f"this user already runs or is starting {running} forkvm kernels, the limit (ForkvmDaemon.max_kernels); "
@@ -268,6 +296,10 @@ class ForkvmDaemon(LoggingConfigurable):
 
     def _new_kernel_id(self, requested: object) -> str:
         kernel_id = str(requested or uuid.uuid4())
+        if not KERNEL_ID_PATTERN.fullmatch(kernel_id):
+            raise RequestError("a kernel id is 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if kernel_id in self._launching_ids:
+            raise RequestError(f"kernel {kernel_id} is being started by another request")
         existing = self.kernels.get(kernel_id)
         if existing is not None:
             if existing.poll() is None:
@@ -329,24 +361,31 @@ class ForkvmDaemon(LoggingConfigurable):
         source = self._kernel(params)
         connection_dir = params.get("connection_dir")
         if connection_dir is not None and not (isinstance(connection_dir, str) and os.path.isabs(connection_dir)
-                                               and os.path.isdir(connection_dir)):  # fmt: skip
-            raise RequestError(f"connection_dir {connection_dir!r} is not an existing absolute directory")
+                                               and os.path.isdir(connection_dir)
+                                               and os.access(connection_dir, os.W_OK)):  # fmt: skip
+            raise RequestError(f"connection_dir {connection_dir!r} is not an existing, writable absolute directory")
         if source.poll() is not None:
             raise RequestError(f"kernel {source.id} is dead (status {source.status}); only a running kernel can be branched")
         self._check_capacity()
         kernel_id = self._new_kernel_id(params.get("new_kernel_id"))
         started = time.monotonic()
-        self._launching += 1
+        self._launching_ids.add(kernel_id)
         try:
             machine = await self.engine.branch(source.machine)
             kernel = await self._adopt(machine, kernel_id, started, self._resume_params(source.machine.template), source.id)
         finally:
-            self._launching -= 1
+            self._launching_ids.discard(kernel_id)
         pause_s = getattr(source.machine, "last_branch_pause_s", None)
         log.info("kernel %s: branched from %s in %.3f s (source paused %.3f s)", kernel_id, source.id, kernel.launch_s, pause_s or 0)
         result = {**kernel.describe(), "connection_info": kernel.connection_info(), "source_pause_s": pause_s}
         if connection_dir is not None:
-            result["connection_file"] = str(kernel.write_connection_file(Path(connection_dir)))
+            try:
+                result["connection_file"] = str(kernel.write_connection_file(Path(connection_dir)))
+            except OSError as exc:
+                await kernel.stop_watching()
+                await kernel.release()
+                self._remove(kernel)
+                raise RequestError(f"cannot write the branch's connection file in {connection_dir}: {exc}") from exc
         return result
 
     async def poll(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
@@ -472,4 +511,8 @@ def run_daemon(argv: list[str] | None = None) -> None:
         daemon = ForkvmDaemon(parent=app)
         await daemon.serve()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except DaemonAlreadyRunning as exc:
+        log.info("%s; this one exits", exc)
+        raise SystemExit(ALREADY_RUNNING_EXIT) from None

@@ -24,6 +24,11 @@ DAEMON_START_TIMEOUT_S = 30.0
 ProgressHandler = Callable[[str, float | None], None]
 
 
+# Exit status of `forkvm daemon run` when another daemon holds the socket's lock: whoever started
+# this one waits for that daemon's socket instead.
+ALREADY_RUNNING_EXIT = 3
+
+
 class DaemonError(Exception):
     """The daemon refused a request or could not be reached; the message is for the user."""
 
@@ -95,8 +100,8 @@ def start_daemon_process(socket_path: Path, timeout: float = DAEMON_START_TIMEOU
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if daemon_running(socket_path):
-            return process.pid
-        if process.poll() is not None:
+            return process.pid if process.poll() is None else -1
+        if process.poll() not in (None, ALREADY_RUNNING_EXIT):
             break
         time.sleep(0.05)
     tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""

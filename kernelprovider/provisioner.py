@@ -19,7 +19,9 @@ class ForkvmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     """Kernels that are copy-on-write forks of a VM template holding a warm IPython kernel."""
 
     template = Unicode("default", help="Template the kernel is forked from").tag(config=True)
-    pool_size = Int(2, help="Forks the daemon keeps ready for this template").tag(config=True)
+    pool_size = Int(
+        None, allow_none=True, help="Forks the daemon keeps ready for this template (default: ForkvmDaemon.pool_size)"
+    ).tag(config=True)
     auto_build_template = Bool(True, help="Build the template on first use when it is missing").tag(config=True)
     branch_from = Unicode("", help="Kernel id to branch from instead of forking the template").tag(config=True)
 
@@ -38,7 +40,9 @@ class ForkvmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @property
     def _daemon(self) -> DaemonClient:
-        return DaemonClient()
+        # Only a launch starts a daemon: one that is gone took its kernels with it, and asking
+        # a new one about them would just start VMs to say "dead".
+        return DaemonClient(autostart=not self._launched)
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         kwargs = await super().pre_launch(**kwargs)
@@ -61,7 +65,9 @@ class ForkvmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._branched = True
             self.template = str(result.get("template") or self.template)
         else:
-            request.update(template=self.template, pool_size=self.pool_size, **(self._restart_identity or {}))
+            request.update(template=self.template, **(self._restart_identity or {}))
+            if self.pool_size is not None:
+                request["pool_size"] = self.pool_size
             result = await self._launch_from_template(request)
         self._restart_identity = None
         info = dict(result["connection_info"])

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from jupyter_client import BlockingKernelClient, KernelManager
 
-from kernelprovider.daemon_client import call_sync
+from kernelprovider.daemon_client import DaemonError, call_sync
 from tests.jupyter_support import CELL_TIMEOUT_S, KERNEL_START_TIMEOUT_S, forkvm_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("forkvm_template")]
@@ -195,6 +195,11 @@ def test_cli_branch_by_id_and_by_connection_file() -> None:
             assert run(kc, CHECK).strip() == EXPECTED_STATE
             run(kc, "x = -1")
         assert run(kc_a, "print(x)").strip() == "42"
+        # A connection file that cannot be written fails the branch and leaves no kernel.
+        listed = {k["kernel_id"] for k in call_sync("list", autostart=False)}
+        with pytest.raises(DaemonError, match="connection"):
+            call_sync("branch", autostart=False, kernel_id=km_a.kernel_id, connection_dir="/proc")
+        assert {k["kernel_id"] for k in call_sync("list", autostart=False)} == listed
     finally:
         for kernel_id, kc in branches:
             kc.stop_channels()

@@ -79,6 +79,31 @@ def test_daemon_starts_over_stale_socket(fresh_runtime: Path) -> None:
     assert daemon_running(socket_path)
 
 
+def _daemons_serving(runtime: Path) -> list[int]:
+    """Daemon processes started for `runtime` (found by the FORKVM_RUNTIME_DIR they inherited)."""
+    wanted = f"FORKVM_RUNTIME_DIR={runtime}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            if b"daemon\0run" in cmdline and wanted in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_two_daemon_starts_at_once_leave_one_daemon(fresh_runtime: Path) -> None:
+    starts = [
+        subprocess.Popen(["forkvm", "daemon", "start"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in starts]
+    assert all(p.returncode == 0 for p in starts), outputs
+    assert wait_until(lambda: len(_daemons_serving(fresh_runtime)) == 1, 30), (_daemons_serving(fresh_runtime), outputs)
+    assert _daemons_serving(fresh_runtime) == [daemon_pid()]
+
+
 def test_kernel_ended_without_release_is_listed_then_forgotten(
     fresh_runtime: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -107,6 +132,31 @@ def test_kernel_ended_without_release_is_listed_then_forgotten(
     with pytest.raises(DaemonError, match="no forkvm kernel"):
         call_sync("poll", kernel_id=kernel_id)
     assert qemu_children() == set()
+
+
+@pytest.mark.usefixtures("forkvm_template")
+def test_two_launches_of_one_kernel_id_start_one_kernel() -> None:
+    kernel_id = f"dup-{uuid.uuid4().hex[:8]}"
+    results: list[Any] = []
+
+    def launch() -> None:
+        try:
+            results.append(call_sync("launch", template=TEMPLATE_NAME, kernel_id=kernel_id))
+        except DaemonError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=launch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    try:
+        errors = [str(r) for r in results if isinstance(r, DaemonError)]
+        assert len(results) == 2 and len(errors) == 1, results
+        assert "being started" in errors[0] or "already exists" in errors[0], errors
+        assert [k["kernel_id"] for k in daemon_kernels()].count(kernel_id) == 1
+    finally:
+        call_sync("release", kernel_id=kernel_id)
 
 
 # --- templates that are missing or damaged ---------------------------------------------------
@@ -219,7 +269,12 @@ MALFORMED = [
     (b'{"id": 11, "method": "template_rm", "params": {}}\n', 11, "bad request"),
     (b'{"id": 12, "method": "signal", "params": {"kernel_id": "not-a-kernel"}}\n', 12, "no forkvm kernel"),
     (b'{"id": 13, "method": "status", "params": [1, 2]}\n', 13, "params must be a JSON object"),
-    (b'{"id": 14, "method": "launch", "params": {"pool_size": "lots"}}\n', 14, "bad request"),
+    (b'{"id": 14, "method": "launch", "params": {"pool_size": "lots"}}\n', 14, "pool_size must be"),
+    # A pool is VMs: no request may ask for an unbounded one.
+    (b'{"id": 20, "method": "launch", "params": {"pool_size": 100000}}\n', 20, "pool_size must be"),
+    (b'{"id": 21, "method": "launch", "params": {"pool_size": 1e400}}\n', 21, "pool_size must be"),
+    (b'{"id": 22, "method": "launch", "params": {"kernel_id": "a/b"}}\n', 22, "a kernel id is"),
+    (b'{"id": 23, "method": "branch", "params": {"kernel_id": "x", "connection_dir": "/proc"}}\n', 23, "no forkvm kernel"),
     # What a restart may ask to keep is checked before any VM is touched.
     (b'{"id": 15, "method": "launch", "params": {"key": "short"}}\n', 15, "key must be"),
     (b'{"id": 16, "method": "launch", "params": {"key": "' + b"k" * 64 + b'\\n"}}\n', 16, "key must be"),

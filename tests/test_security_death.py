@@ -56,6 +56,9 @@ def test_dead_kernel_is_reported_and_restartable(forkvm_template: str, death: st
         assert status is not None
         if death == "os_exit":
             assert status == 1, status
+        # `forkvm ps` says why it ended.
+        expected_reason = {"os_exit": "exited", "guest_panic": "panic", "sigkill_qemu": "SIGKILL"}[death]
+        assert wait_until(lambda: expected_reason in daemon_kernel(km.kernel_id)["end_reason"], 10), daemon_kernel(km.kernel_id)
         # Nothing of the dead kernel keeps running: the panic ended QEMU, the kill did, and
         # the daemon frees the VM of a kernel whose process ended.
         assert wait_until(lambda: not pid_alive(qemu_pid), 30), f"QEMU {qemu_pid} of a dead kernel still runs"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -89,6 +90,9 @@ class QemuMachine(Machine):
         for marker, reason in GUEST_DEATH_MARKERS:
             if marker in console:
                 return reason
+        status = self.process.returncode
+        if status is not None and status < 0:
+            return f"the VM's QEMU process was killed by {signal.Signals(-status).name}"
         return ""
 
 
