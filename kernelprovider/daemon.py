@@ -19,7 +19,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 from traitlets import Enum, Float, Int, List, Unicode
 from traitlets.config import LoggingConfigurable
@@ -137,9 +137,7 @@ class ForkvmDaemon(LoggingConfigurable):
         for pool in self.pools.values():
             await pool.close()
         for kernel in list(self.kernels.values()):
-            await kernel.stop_watching()
-            await kernel.release()
-            self._remove(kernel)
+            await self._discard(kernel)
         await self.engine.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -247,11 +245,8 @@ class ForkvmDaemon(LoggingConfigurable):
         pool_size = self._requested_pool_size(params.get("pool_size"))
         # A restart asks for the key and ports the kernel had, so its clients carry on.
         key, ports = requested_key(params.get("key")), requested_ports(params.get("ports"))
-        self._check_capacity()
-        kernel_id = self._new_kernel_id(params.get("kernel_id"))
-        started = time.monotonic()
-        self._launching_ids.add(kernel_id)
-        try:
+        with self._starting(params.get("kernel_id")) as kernel_id:
+            started = time.monotonic()
             pool = self.pools.get(template)
             machine = self._pool(template, pool_size).take() if pool is not None else None
             async with self._fork_slots if machine is None else contextlib.nullcontext():
@@ -266,8 +261,6 @@ class ForkvmDaemon(LoggingConfigurable):
                 kernel = await self._adopt(
                     machine, kernel_id, started, self._resume_params(template, key), rekey=key is not None, ports=ports
                 )
-        finally:
-            self._launching_ids.discard(kernel_id)
         if template not in self.pools:
             # The template works: keep forks of it ready from now on.
             self._pool(template, pool_size).fill()
@@ -293,6 +286,17 @@ class ForkvmDaemon(LoggingConfigurable):
                 f"this user already runs or is starting {running} forkvm kernels, the limit (ForkvmDaemon.max_kernels); "
                 "shut one down first"
             )
+
+    @contextlib.contextmanager
+    def _starting(self, requested_id: object) -> Iterator[str]:
+        """Admit one launch or branch: capacity, then the new kernel's id, held while it starts."""
+        self._check_capacity()
+        kernel_id = self._new_kernel_id(requested_id)
+        self._launching_ids.add(kernel_id)
+        try:
+            yield kernel_id
+        finally:
+            self._launching_ids.discard(kernel_id)
 
     def _new_kernel_id(self, requested: object) -> str:
         kernel_id = str(requested or uuid.uuid4())
@@ -341,12 +345,17 @@ class ForkvmDaemon(LoggingConfigurable):
         return kernel
 
     def _forget_later(self, kernel: ForkedKernel) -> None:
-        def forget() -> None:
-            if self.kernels.get(kernel.id) is kernel:
-                self._remove(kernel)
-                log.info("kernel %s: ended %.0f s ago and never released; forgotten", kernel.id, self.ended_kernel_retention_s)
+        def forget() -> None:  # never runs for a kernel already removed: _remove cancels it
+            self._remove(kernel)
+            log.info("kernel %s: ended %.0f s ago and never released; forgotten", kernel.id, self.ended_kernel_retention_s)
 
         kernel.forget_timer = asyncio.get_running_loop().call_later(self.ended_kernel_retention_s, forget)
+
+    async def _discard(self, kernel: ForkedKernel) -> None:
+        """Stop the kernel's VM and forget it now."""
+        await kernel.stop_watching()
+        await kernel.release()
+        self._remove(kernel)
 
     def _remove(self, kernel: ForkedKernel) -> None:
         if self.kernels.get(kernel.id) is kernel:
@@ -366,15 +375,10 @@ class ForkvmDaemon(LoggingConfigurable):
             raise RequestError(f"connection_dir {connection_dir!r} is not an existing, writable absolute directory")
         if source.poll() is not None:
             raise RequestError(f"kernel {source.id} is dead (status {source.status}); only a running kernel can be branched")
-        self._check_capacity()
-        kernel_id = self._new_kernel_id(params.get("new_kernel_id"))
-        started = time.monotonic()
-        self._launching_ids.add(kernel_id)
-        try:
+        with self._starting(params.get("new_kernel_id")) as kernel_id:
+            started = time.monotonic()
             machine = await self.engine.branch(source.machine)
             kernel = await self._adopt(machine, kernel_id, started, self._resume_params(source.machine.template), source.id)
-        finally:
-            self._launching_ids.discard(kernel_id)
         pause_s = getattr(source.machine, "last_branch_pause_s", None)
         log.info("kernel %s: branched from %s in %.3f s (source paused %.3f s)", kernel_id, source.id, kernel.launch_s, pause_s or 0)
         result = {**kernel.describe(), "connection_info": kernel.connection_info(), "source_pause_s": pause_s}
@@ -382,9 +386,7 @@ class ForkvmDaemon(LoggingConfigurable):
             try:
                 result["connection_file"] = str(kernel.write_connection_file(Path(connection_dir)))
             except OSError as exc:
-                await kernel.stop_watching()
-                await kernel.release()
-                self._remove(kernel)
+                await self._discard(kernel)
                 raise RequestError(f"cannot write the branch's connection file in {connection_dir}: {exc}") from exc
         return result
 
@@ -421,9 +423,7 @@ class ForkvmDaemon(LoggingConfigurable):
 
     async def release(self, params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         kernel = self._kernel(params)
-        await kernel.stop_watching()
-        await kernel.release()
-        self._remove(kernel)
+        await self._discard(kernel)
         return {"status": kernel.status}
 
     async def list_kernels(self, params: dict[str, Any], progress: Progress) -> list[dict[str, Any]]:
